@@ -1,0 +1,102 @@
+"""One client API over Triton's gRPC and HTTP protocols (tritonclient underneath).
+
+:class:`TritonClient` is safe to share between threads: each thread gets its own tritonclient
+connection (the HTTP client is not thread-safe). Server errors become :class:`InferenceError`, which
+keeps the protocol's status (``StatusCode.INVALID_ARGUMENT`` / ``400``) and Triton's message.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Literal
+
+import numpy as np
+
+Protocol = Literal["grpc", "http"]
+DEFAULT_URLS: dict[str, str] = {"grpc": "localhost:8001", "http": "localhost:8000"}
+_NUMPY_TO_TRITON = {"object": "BYTES", "uint8": "UINT8", "float32": "FP32", "int32": "INT32", "int64": "INT64"}
+
+
+class InferenceError(RuntimeError):
+    """The server refused or failed a request."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    @property
+    def is_invalid_argument(self) -> bool:
+        return self.status in ("StatusCode.INVALID_ARGUMENT", "400")
+
+
+class TritonClient:
+    def __init__(self, url: str | None = None, protocol: Protocol = "grpc", timeout_s: float = 120.0) -> None:
+        if protocol not in DEFAULT_URLS:
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        self.protocol = protocol
+        self.url = url or DEFAULT_URLS[protocol]
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+
+    @property
+    def _module(self) -> Any:
+        if self.protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+        return module
+
+    @property
+    def connection(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            if self.protocol == "grpc":
+                client = self._module.InferenceServerClient(self.url)
+            else:
+                client = self._module.InferenceServerClient(
+                    self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+                )
+            self._local.client = client
+        return client
+
+    def is_ready(self, model: str | None = None) -> bool:
+        try:
+            return bool(self.connection.is_model_ready(model) if model else self.connection.is_server_ready())
+        except Exception:
+            return False
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """Run ``model`` on named numpy inputs (batch dimension included) and return named outputs."""
+        from tritonclient.utils import InferenceServerException
+
+        module = self._module
+        infer_inputs = []
+        for name, array in inputs.items():
+            dtype = _NUMPY_TO_TRITON[array.dtype.name]
+            tensor = module.InferInput(name, list(array.shape), dtype)
+            if self.protocol == "http" and dtype != "BYTES":
+                tensor.set_data_from_numpy(array, binary_data=True)
+            else:
+                tensor.set_data_from_numpy(array)
+            infer_inputs.append(tensor)
+        requested = [module.InferRequestedOutput(name) for name in outputs]
+        try:
+            if self.protocol == "grpc":
+                result = self.connection.infer(model, infer_inputs, outputs=requested, client_timeout=self.timeout_s)
+            else:
+                result = self.connection.infer(model, infer_inputs, outputs=requested)
+        except InferenceServerException as exc:
+            raise InferenceError(str(exc.status()), exc.message() or str(exc)) from None
+        return {name: result.as_numpy(name) for name in outputs}
+
+    def close(self) -> None:
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            client.close()
+            self._local.client = None
+
+
+def bytes_tensor(*items: bytes | str) -> np.ndarray:
+    """A ``[len(items), 1]`` BYTES tensor (one element per batch item)."""
+    return np.array([[i.encode() if isinstance(i, str) else i] for i in items], dtype=object)

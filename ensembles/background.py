@@ -1,0 +1,87 @@
+"""Background removal pre- and post-processing (RMBG-2.0 / BiRefNet contract, DESIGN §4).
+
+Written against torch tensors so the same code runs on CPU (the local server, CI) and on CUDA (GPU
+nodes): pass tensors that live on the device you want. Decoding and PNG encoding use Pillow on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import ImageColor
+from torch.nn import functional as F
+
+from imgpipe.errors import InvalidInputError
+
+INPUT_SIZE = (1024, 1024)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MODES = ("rgba", "mask", "composite")
+
+Mode = Literal["rgba", "mask", "composite"]
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the caller asked for: the RGBA cut-out, the mask alone, or a composite on a colour."""
+
+    mode: Mode = "rgba"
+    background: tuple[int, int, int] = (255, 255, 255)
+
+
+def parse_options(mode: str | None, background: str | None) -> Options:
+    """Validate the request's option strings; unknown values raise :class:`InvalidInputError`."""
+    mode = (mode or "rgba").strip().lower()
+    if mode not in MODES:
+        raise InvalidInputError(f"unsupported MODE {mode!r}: expected one of {', '.join(MODES)}")
+    colour: tuple[int, int, int] = (255, 255, 255)
+    if background:
+        try:
+            colour = ImageColor.getrgb(background.strip())[:3]  # type: ignore[assignment]
+        except ValueError:
+            raise InvalidInputError(
+                f"unsupported BACKGROUND {background!r}: expected a colour such as '#00ff00' or 'white'"
+            ) from None
+    return Options(mode=mode, background=colour)  # type: ignore[arg-type]
+
+
+def preprocess(rgb: torch.Tensor, size: tuple[int, int] = INPUT_SIZE) -> torch.Tensor:
+    """``H×W×3`` uint8 RGB → ``3×1024×1024`` float32: resize (bilinear, antialiased), /255, ImageNet norm.
+
+    The aspect ratio is not kept and the image is not divided by its own maximum (rembg's quirks).
+    """
+    x = rgb.permute(2, 0, 1).unsqueeze(0).to(torch.float32)
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    x = x.clamp_(0, 255).div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std)[0]
+
+
+def mask_to_alpha(mask: torch.Tensor, height: int, width: int, activation: str) -> torch.Tensor:
+    """The network's ``1×h×w`` output → ``H×W`` uint8 alpha at the original size.
+
+    ``activation`` is the manifest's word for the output: "sigmoid" for logits (BiRefNet, the
+    reference segmenter), "none" when already in [0, 1] (bria RMBG-2.0 ONNX).
+    """
+    m = mask.reshape(1, 1, *mask.shape[-2:]).to(torch.float32)
+    if activation == "sigmoid":
+        m = torch.sigmoid(m)
+    antialias = height < m.shape[-2] or width < m.shape[-1]
+    m = F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False, antialias=antialias)
+    return (m[0, 0].clamp(0, 1) * 255.0).round_().to(torch.uint8)
+
+
+def compose(rgb: torch.Tensor, alpha: torch.Tensor, options: Options) -> np.ndarray:
+    """The image the caller asked for, as a uint8 array ready for PNG: RGBA, L (mask) or RGB."""
+    if options.mode == "mask":
+        return alpha.cpu().numpy()
+    if options.mode == "rgba":
+        return torch.cat([rgb, alpha.unsqueeze(-1)], dim=-1).cpu().numpy()
+    a = alpha.to(torch.float32).unsqueeze(-1) / 255.0
+    bg = torch.tensor(options.background, dtype=torch.float32, device=rgb.device)
+    out = rgb.to(torch.float32) * a + bg * (1.0 - a)
+    return out.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()

@@ -1,0 +1,278 @@
+"""The manifest: one TOML file declaring every network and pipeline, loaded into typed objects.
+
+Each table maps onto a frozen dataclass below. Loading is strict: an unknown key, a missing key or a
+value of the wrong type raises :class:`ManifestError` naming the dotted key, e.g.
+``networks.segmenter.batching.max_batch_size: expected an integer, got 'four'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from imgpipe.paths import DEFAULT_MANIFEST
+
+# Triton's tensor type names (without the TYPE_ prefix) and their numpy equivalents.
+DTYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "INT8": "int8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "BYTES": "object",
+}
+
+
+class ManifestError(ValueError):
+    """A manifest problem; the message starts with the dotted key at fault."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a network. ``shape`` excludes the batch dimension; -1 is dynamic."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    # Shape ranges for dynamic dimensions (TensorRT optimization profiles, warmup): same rank as shape.
+    min_shape: tuple[int, ...] = ()
+    opt_shape: tuple[int, ...] = ()
+    max_shape: tuple[int, ...] = ()
+    # How an output becomes probabilities: "sigmoid" for logits, "none" when already in [0, 1].
+    activation: Literal["none", "sigmoid"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ManifestError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for label in ("min_shape", "opt_shape", "max_shape"):
+            value = getattr(self, label)
+            if value and len(value) != len(self.shape):
+                raise ManifestError(f"{label}: rank {len(value)} differs from shape's rank {len(self.shape)}")
+        if -1 in self.shape and not self.opt_shape:
+            raise ManifestError("opt_shape: required when shape has dynamic (-1) dimensions")
+        if any(d < -1 or d == 0 for d in self.shape):
+            raise ManifestError(f"shape: dimensions must be positive or -1, got {list(self.shape)}")
+
+    @property
+    def static_shape(self) -> tuple[int, ...]:
+        """The shape with dynamic dimensions replaced by their optimal value."""
+        return tuple(o if d == -1 else d for d, o in zip(self.shape, self.opt_shape or self.shape, strict=True))
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a network comes from: a reference PyTorch architecture or an ONNX file."""
+
+    kind: Literal["reference", "onnx"]
+    architecture: str = ""
+    width: int = 0
+    seed: int = 0
+    path: str = ""
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind == "reference" and not self.architecture:
+            raise ManifestError("architecture: required when kind = 'reference'")
+        if self.kind == "onnx" and not self.path:
+            raise ManifestError("path: required when kind = 'onnx'")
+        if self.sha256 and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)):
+            raise ManifestError("sha256: expected 64 lowercase hex digits")
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    max_queue_size: int = 0
+    timeout_action: Literal["REJECT", "DELAY"] = "REJECT"
+    default_timeout_us: int = 0
+    allow_timeout_override: bool = False
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch_size: int = 4
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    # Batch range of the optimization profile (TensorRT); opt defaults to the largest preferred size.
+    min_batch: int = 1
+    opt_batch: int = 0
+    queue: QueuePolicy = field(default_factory=QueuePolicy)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ManifestError("max_batch_size: must be at least 1")
+        bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if bad:
+            raise ManifestError(f"preferred_batch_sizes: {bad} outside 1..max_batch_size ({self.max_batch_size})")
+
+
+@dataclass(frozen=True)
+class Instances:
+    count: int = 1
+    kind: Literal["cpu", "gpu"] = "cpu"
+    gpus: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ManifestError("count: must be at least 1")
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    source: Source
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    description: str = ""
+    license: str = ""
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    opset: int = 18
+    batching: Batching = field(default_factory=Batching)
+    instances: Instances = field(default_factory=Instances)
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ManifestError("inputs: at least one input is required")
+        if not self.outputs:
+            raise ManifestError("outputs: at least one output is required")
+        if self.opset < 17:
+            raise ManifestError("opset: must be 17 or newer")
+
+    def input(self, index: int = 0) -> TensorSpec:
+        return self.inputs[index]
+
+    def output(self, index: int = 0) -> TensorSpec:
+        return self.outputs[index]
+
+    def fingerprint(self) -> str:
+        """A hash of everything in this entry; any change to it changes the hash."""
+        return hashlib.sha256(repr(self).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RemoveBackground:
+    """Settings of the ``remove_background`` pipeline."""
+
+    segmenter: str = "segmenter"
+    max_pixels: int = 40_000_000
+    max_batch_size: int = 8
+    instances: int = 1
+
+
+@dataclass(frozen=True)
+class Pipelines:
+    remove_background: RemoveBackground = field(default_factory=RemoveBackground)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    networks: dict[str, Network]
+    pipelines: Pipelines
+    path: Path | None = None
+
+    def network(self, name: str) -> Network:
+        try:
+            return self.networks[name]
+        except KeyError:
+            raise ManifestError(f"networks.{name}: no such network (have: {', '.join(self.networks)})") from None
+
+    def resolve(self, relative: str) -> Path:
+        """Paths in the manifest are relative to the manifest's folder."""
+        base = self.path.parent if self.path else Path.cwd()
+        return (base / relative).resolve()
+
+
+T = TypeVar("T")
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a type hint and convert it (lists to tuples, tables to dataclasses)."""
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ManifestError(f"{key}: expected a table, got {value!r}")
+        return _build(hint, value, key)
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ManifestError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is tuple:
+        (item, *_rest) = get_args(hint)
+        if not isinstance(value, list):
+            raise ManifestError(f"{key}: expected a list, got {value!r}")
+        return tuple(_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        _k, item = get_args(hint)
+        if not isinstance(value, dict):
+            raise ManifestError(f"{key}: expected a table, got {value!r}")
+        return {k: _convert(v, item, f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise ManifestError(f"{key}: cannot be set in the manifest")
+    expected = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}[hint]
+    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ManifestError(f"{key}: expected {expected}, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], table: dict[str, Any], key: str, **given: Any) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ManifestError(f"{key}.{unknown[0]}: unknown key (expected one of {', '.join(fields)})")
+    kwargs: dict[str, Any] = dict(given)
+    for name, f in fields.items():
+        if name in given:
+            continue
+        if name in table:
+            kwargs[name] = _convert(table[name], hints[name], f"{key}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ManifestError(f"{key}.{name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except ManifestError as exc:
+        raise ManifestError(f"{key}.{exc}") from None
+
+
+def parse_manifest(data: dict[str, Any], path: Path | None = None) -> Manifest:
+    unknown = sorted(set(data) - {"networks", "pipelines"})
+    if unknown:
+        raise ManifestError(f"{unknown[0]}: unknown top-level table (expected networks, pipelines)")
+    networks_table = data.get("networks")
+    if not isinstance(networks_table, dict) or not networks_table:
+        raise ManifestError("networks: at least one network is required")
+    networks = {}
+    for name, table in networks_table.items():
+        if not isinstance(table, dict):
+            raise ManifestError(f"networks.{name}: expected a table")
+        networks[name] = _build(Network, table, f"networks.{name}", name=name)
+    pipelines = _convert(data.get("pipelines", {}), Pipelines, "pipelines")
+    manifest = Manifest(networks=networks, pipelines=pipelines, path=path)
+    segmenter = pipelines.remove_background.segmenter
+    if segmenter not in networks:
+        raise ManifestError(
+            f"pipelines.remove_background.segmenter: {segmenter!r} is not a network in this manifest"
+        )
+    return manifest
+
+
+def load_manifest(path: Path | None = None) -> Manifest:
+    path = Path(path or DEFAULT_MANIFEST)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"{path}: not valid TOML: {exc}") from None
+    return parse_manifest(data, path.resolve())

@@ -1,0 +1,13 @@
+"""Triton Python-backend adapter for remove_background's postprocess step (logic: imgpipe.ensembles)."""
+
+import triton_python_backend_utils as pb_utils
+
+from imgpipe.ensembles.remove_background import Postprocess
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.step = Postprocess(pb_utils, args)
+
+    def execute(self, requests):
+        return self.step.execute(requests)
