@@ -87,7 +87,9 @@ def export_reference(net: Network, target: Path) -> None:
     # The exporter warns once per torchvision op it cannot register; torchvision is not used here.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     model = build_reference(net.source.architecture, net.source.width, net.source.seed)
-    examples = tuple(torch.zeros(1, *spec.static_shape, dtype=getattr(torch, _torch_dtype(spec))) for spec in net.inputs)
+    examples = tuple(
+        torch.zeros(1, *spec.static_shape, dtype=getattr(torch, _torch_dtype(spec))) for spec in net.inputs
+    )
     batch = torch.export.Dim("batch", min=1, max=max(2, net.batching.max_batch_size))
     dynamic = tuple({0: batch} for _ in net.inputs)
     with warnings.catch_warnings():
@@ -134,7 +136,8 @@ def check_onnx(path: Path, net: Network) -> None:
         for got, want in zip(dims, spec.shape, strict=False):
             if got != -1 and want != -1 and got != want:
                 raise ExportError(
-                    f"{net.name}: {spec.name!r} has shape {dims} in the ONNX graph, the manifest says {list(spec.shape)}"
+                    f"{net.name}: {spec.name!r} has shape {dims} in the ONNX graph,"
+                    f" the manifest says {list(spec.shape)}"
                 )
 
 

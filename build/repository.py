@@ -72,12 +72,13 @@ def build_network(net: Network, export: ExportResult, repo: Path) -> BuiltModel:
     return BuiltModel(net.name, "network", action, model_dir, export.seconds)
 
 
-def _copy_adapter(step: str, repo: Path) -> None:
+def _copy_adapter(step: str, repo: Path) -> bool:
+    """Copy the committed adapter of a Python step into ``repo`` (when building elsewhere)."""
     source = DEFAULT_REPOSITORY / step / VERSION / "model.py"
     target = repo / step / VERSION / "model.py"
-    if source.resolve() != target.resolve():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+    if source.resolve() == target.resolve():
+        return False
+    return _write_if_changed(target, source.read_text(encoding="utf-8"))
 
 
 def remove_background_models(manifest: Manifest) -> list[ModelSpec]:
@@ -121,12 +122,17 @@ def remove_background_models(manifest: Manifest) -> list[ModelSpec]:
         outputs=(output,),
         max_batch_size=batch,
         steps=(
-            Step("bg_preprocess", {"IMAGE": "IMAGE", "MODE": "MODE", "BACKGROUND": "BACKGROUND"},
-                 {"PIXELS": "pixels", "ORIGINAL": "original", "SIZE": "size"}),
+            Step(
+                "bg_preprocess",
+                {"IMAGE": "IMAGE", "MODE": "MODE", "BACKGROUND": "BACKGROUND"},
+                {"PIXELS": "pixels", "ORIGINAL": "original", "SIZE": "size"},
+            ),
             Step(seg.name, {seg_in.name: "pixels"}, {seg_out.name: "mask"}),
-            Step("bg_postprocess",
-                 {"MASK": "mask", "ORIGINAL": "original", "SIZE": "size", "MODE": "MODE", "BACKGROUND": "BACKGROUND"},
-                 {"OUTPUT": "OUTPUT"}),
+            Step(
+                "bg_postprocess",
+                {"MASK": "mask", "ORIGINAL": "original", "SIZE": "size", "MODE": "MODE", "BACKGROUND": "BACKGROUND"},
+                {"OUTPUT": "OUTPUT"},
+            ),
         ),
     )
     return [pre, post, ensemble]
@@ -137,11 +143,10 @@ def build_pipeline_model(spec: ModelSpec, repo: Path) -> BuiltModel:
     if spec.platform == "ensemble":
         (model_dir / VERSION).mkdir(parents=True, exist_ok=True)
         _mark_generated(model_dir)
-        kind = "ensemble"
+        kind, changed = "ensemble", False
     else:
-        _copy_adapter(spec.name, repo)
-        kind = "python step"
-    changed = _write_if_changed(model_dir / "config.pbtxt", render(spec))
+        kind, changed = "python step", _copy_adapter(spec.name, repo)
+    changed |= _write_if_changed(model_dir / "config.pbtxt", render(spec))
     return BuiltModel(spec.name, kind, "written" if changed else "unchanged", model_dir)
 
 

@@ -75,7 +75,9 @@ def to_proto(spec: ModelSpec) -> mc.ModelConfig:
     if spec.platform:
         config.platform = spec.platform
     for t in spec.inputs:
-        config.input.append(mc.ModelInput(name=t.name, data_type=_tensor_dtype(t.dtype), dims=t.dims, optional=t.optional))
+        config.input.append(
+            mc.ModelInput(name=t.name, data_type=_tensor_dtype(t.dtype), dims=t.dims, optional=t.optional)
+        )
     for t in spec.outputs:
         config.output.append(mc.ModelOutput(name=t.name, data_type=_tensor_dtype(t.dtype), dims=t.dims))
     if spec.batching is not None:

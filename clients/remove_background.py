@@ -10,9 +10,7 @@ MODEL = "remove_background"
 Mode = Literal["rgba", "mask", "composite"]
 
 
-def remove_background(
-    client: TritonClient, image: bytes, mode: Mode = "rgba", background: str | None = None
-) -> bytes:
+def remove_background(client: TritonClient, image: bytes, mode: Mode = "rgba", background: str | None = None) -> bytes:
     """The cut-out as PNG bytes: RGBA (``rgba``), the mask alone (``mask``, greyscale) or the image
     composited on ``background`` (``composite``, RGB; a colour such as ``'#00ff00'`` or ``'white'``).
     """

@@ -35,7 +35,10 @@ class OnnxBatchRunner:
         counts = [len(next(iter(b.values()))) for b in batches]
         feeds = {name: np.concatenate([b[name] for b in batches]) for name in self.input_names}
         if self.fixed_batch == 1 and sum(counts) > 1:
-            parts = [self.session.run(self.output_names, {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(sum(counts))]
+            parts = [
+                self.session.run(self.output_names, {k: v[i : i + 1] for k, v in feeds.items()})
+                for i in range(sum(counts))
+            ]
             results = [np.concatenate([p[j] for p in parts]) for j in range(len(self.output_names))]
         else:
             results = self.session.run(self.output_names, feeds)

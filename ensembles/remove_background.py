@@ -23,7 +23,9 @@ class Preprocess(PythonStep):
         self.max_pixels = int(self.parameters.get("max_pixels", DEFAULT_MAX_PIXELS))
         height, width = self.parameters.get("input_size", "1024x1024").split("x")
         self.size = (int(height), int(width))
-        self.device = torch.device("cuda" if torch.cuda.is_available() and args.get("model_instance_kind") == "GPU" else "cpu")
+        self.device = torch.device(
+            "cuda" if torch.cuda.is_available() and args.get("model_instance_kind") == "GPU" else "cpu"
+        )
 
     def handle(self, request: Any) -> dict[str, np.ndarray | torch.Tensor]:
         background.parse_options(self.optional_string(request, "MODE"), self.optional_string(request, "BACKGROUND"))

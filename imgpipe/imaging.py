@@ -29,9 +29,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
-        raise InvalidInputError(
-            f"not an image: the {len(data)} bytes are not a JPEG, PNG or WebP image"
-        ) from None
+        raise InvalidInputError(f"not an image: the {len(data)} bytes are not a JPEG, PNG or WebP image") from None
     width, height = image.size
     if width * height > max_pixels:
         raise InvalidInputError(
@@ -44,7 +42,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     image = ImageOps.exif_transpose(image)
     if image.mode != "RGB":
         # Palette/greyscale/CMYK/alpha images become RGB; an alpha channel is dropped, the segmenter decides.
-        image = image.convert("RGBA").convert("RGB") if "A" in image.getbands() or image.mode == "P" else image.convert("RGB")
+        image = (
+            image.convert("RGBA").convert("RGB")
+            if "A" in image.getbands() or image.mode == "P"
+            else image.convert("RGB")
+        )
     return np.asarray(image, dtype=np.uint8)
 
 

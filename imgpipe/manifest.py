@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import tomllib
 
 from imgpipe.paths import DEFAULT_MANIFEST
 
@@ -261,9 +262,7 @@ def parse_manifest(data: dict[str, Any], path: Path | None = None) -> Manifest:
     manifest = Manifest(networks=networks, pipelines=pipelines, path=path)
     segmenter = pipelines.remove_background.segmenter
     if segmenter not in networks:
-        raise ManifestError(
-            f"pipelines.remove_background.segmenter: {segmenter!r} is not a network in this manifest"
-        )
+        raise ManifestError(f"pipelines.remove_background.segmenter: {segmenter!r} is not a network in this manifest")
     return manifest
 
 

@@ -9,6 +9,7 @@ first on ``PATH`` and with a writable copy of the backends folder holding the ma
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import json
+from imgpipe.paths import CACHE_DIR
 
 
 class ServerError(RuntimeError):
@@ -180,9 +181,7 @@ class TritonServer:
     def environment(self) -> dict[str, str]:
         env = os.environ.copy()
         dist = TritonDistribution.find()
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(dist.libs), env.get("LD_LIBRARY_PATH", "")) if p
-        )
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(dist.libs), env.get("LD_LIBRARY_PATH", "")) if p)
         # The Python-backend stub resolves its packages through the python3 first on PATH.
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         return env
@@ -193,7 +192,7 @@ class TritonServer:
         taken = [f"{name} port {port}" for name, port in self.ports.as_dict().items() if not port_is_free(port)]
         if taken:
             raise ServerError(f"cannot start tritonserver: {', '.join(taken)} already in use")
-        cache = self.cache_dir or Path(os.environ.get("IMGPIPE_CACHE", Path.home() / ".cache" / "imgpipe"))
+        cache = self.cache_dir or CACHE_DIR
         cache.mkdir(parents=True, exist_ok=True)
         backends = TritonDistribution.find().prepare_backends(cache)
         self._process = subprocess.Popen(
@@ -242,7 +241,9 @@ class TritonServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.25)
-        raise ServerError(f"tritonserver was not ready after {self.startup_timeout_s:.0f} s\n{explain_failure(self.log)}")
+        raise ServerError(
+            f"tritonserver was not ready after {self.startup_timeout_s:.0f} s\n{explain_failure(self.log)}"
+        )
 
     def loaded_models(self) -> list[dict[str, str]]:
         """The repository index: name, version and state of every model Triton knows."""

@@ -19,7 +19,9 @@ def build_reference(architecture: str, width: int, seed: int) -> nn.Module:
     try:
         factory = ARCHITECTURES[architecture]
     except KeyError:
-        raise ValueError(f"unknown reference architecture {architecture!r} (have: {', '.join(ARCHITECTURES)})") from None
+        raise ValueError(
+            f"unknown reference architecture {architecture!r} (have: {', '.join(ARCHITECTURES)})"
+        ) from None
     torch.manual_seed(seed)
     model = factory(width) if width else factory()  # type: ignore[call-arg]
     return model.eval()

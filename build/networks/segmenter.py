@@ -41,9 +41,7 @@ class ReferenceSegmenter(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(3, chans[0], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(chans[0]), nn.ReLU()
         )
-        self.encoders = nn.ModuleList(
-            ConvBlock(chans[max(i - 1, 0)], c) for i, c in enumerate(chans)
-        )
+        self.encoders = nn.ModuleList(ConvBlock(chans[max(i - 1, 0)], c) for i, c in enumerate(chans))
         self.decoders = nn.ModuleList(
             ConvBlock(chans[i + 1] + chans[i], chans[i]) for i in reversed(range(len(chans) - 1))
         )

@@ -1,0 +1,63 @@
+"""Shared fixtures: a small test manifest, a repository built from it, and the real server over it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from imgpipe.build.repository import build_repository
+from imgpipe.clients.triton import TritonClient
+from imgpipe.manifest import Manifest, load_manifest, parse_manifest
+from imgpipe.paths import DEFAULT_MANIFEST
+from imgpipe.samples import encode, sample_array
+from imgpipe.server import Ports, TritonServer, free_ports
+
+# The tests' segmenter: the default manifest's, at width 4 (1.9 GFLOP per image) to keep CPU time low.
+TEST_WIDTH = 4
+TEST_MAX_PIXELS = 4_000_000
+
+
+def manifest_data() -> dict:
+    """The default manifest as a dict, shrunk for tests (a fresh copy each call, free to modify)."""
+    data = tomllib.loads(DEFAULT_MANIFEST.read_text())
+    data["networks"]["segmenter"]["source"]["width"] = TEST_WIDTH
+    data["pipelines"]["remove_background"]["max_pixels"] = TEST_MAX_PIXELS
+    return data
+
+
+@pytest.fixture(scope="session")
+def test_manifest(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    return parse_manifest(manifest_data(), tmp_path_factory.mktemp("manifest") / "manifest.toml")
+
+
+@pytest.fixture(scope="session")
+def default_manifest() -> Manifest:
+    return load_manifest()
+
+
+@pytest.fixture(scope="session")
+def repository(test_manifest: Manifest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("model_repository")
+    build_repository(test_manifest, repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+    with TritonServer(repository, Ports(*free_ports(3)), log_path=log) as running:
+        yield running
+
+
+@pytest.fixture(scope="session", params=["grpc", "http"])
+def client(request: pytest.FixtureRequest, server: TritonServer) -> TritonClient:
+    url = server.grpc_url if request.param == "grpc" else server.http_url
+    return TritonClient(url, request.param)
+
+
+@pytest.fixture(scope="session")
+def astronaut_jpeg() -> bytes:
+    return encode(sample_array("astronaut"), "JPEG")

@@ -1,0 +1,148 @@
+"""ONNX export (checked, cached by content hash) and generated Triton configs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from imgpipe.build.export import ExportError, export_key, file_sha256, onnx_for
+from imgpipe.build.networks import build_reference, count_flops
+from imgpipe.build.repository import build_repository
+from imgpipe.build.triton_config import parse
+from imgpipe.manifest import Manifest, Source, parse_manifest
+from tests.conftest import TEST_WIDTH, manifest_data
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def exported(test_manifest: Manifest, cache: Path):  # type: ignore[no-untyped-def]
+    return onnx_for(test_manifest, test_manifest.network("segmenter"), cache_dir=cache)
+
+
+def test_export_passes_checker_and_shape_inference_with_dynamic_batch(exported) -> None:  # type: ignore[no-untyped-def]
+    model = onnx.load(str(exported.onnx_path))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version >= 17
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    (inp,) = inferred.graph.input
+    (out,) = inferred.graph.output
+    assert [inp.name, out.name] == ["input", "logits"]
+    in_dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    out_dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+    assert isinstance(in_dims[0], str) and in_dims[1:] == [3, 1024, 1024]
+    assert isinstance(out_dims[0], str) and out_dims[1:] == [1, 1024, 1024]
+
+
+def test_onnx_computes_what_the_pytorch_reference_computes(exported) -> None:  # type: ignore[no-untyped-def]
+    torch_model = build_reference("segmenter", TEST_WIDTH, seed=0)
+    x = torch.randn(2, 3, 1024, 1024, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = torch_model(x).numpy()
+    session = ort.InferenceSession(str(exported.onnx_path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input": x.numpy()})  # batch 2 through the dynamic batch dimension
+    assert got.shape == (2, 1, 1024, 1024)
+    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_unchanged_network_is_not_exported_again(test_manifest: Manifest, exported, cache: Path) -> None:  # type: ignore[no-untyped-def]
+    assert exported.exported
+    mtime = exported.onnx_path.stat().st_mtime_ns
+    again = onnx_for(test_manifest, test_manifest.network("segmenter"), cache_dir=cache)
+    assert not again.exported
+    assert again.onnx_path == exported.onnx_path and again.onnx_path.stat().st_mtime_ns == mtime
+
+
+def test_export_key_follows_the_manifest(test_manifest: Manifest) -> None:
+    net = test_manifest.network("segmenter")
+    reseeded = dataclasses.replace(net, source=dataclasses.replace(net.source, seed=7))
+    assert export_key(net) == export_key(net)
+    assert export_key(net) != export_key(reseeded)
+
+
+def test_full_width_segmenter_costs_hundreds_of_gflop() -> None:
+    model = build_reference("segmenter", 64, seed=0)
+    gflop = count_flops(model, torch.zeros(1, 3, 1024, 1024)) / 1e9
+    assert 250 <= gflop <= 600, gflop  # ISNet @1024: 319 GFLOP (DESIGN §4)
+    small = count_flops(build_reference("segmenter", TEST_WIDTH, seed=0), torch.zeros(1, 3, 1024, 1024)) / 1e9
+    assert small < gflop / 50
+
+
+def _onnx_manifest(tmp_path: Path, onnx_file: Path, sha256: str = "") -> Manifest:
+    data = manifest_data()
+    data["networks"]["segmenter"]["source"] = {
+        "kind": "onnx",
+        "path": onnx_file.name,
+        **({"sha256": sha256} if sha256 else {}),
+    }
+    return parse_manifest(data, tmp_path / "manifest.toml")
+
+
+def test_user_onnx_file_is_checked_against_sha256_and_io(tmp_path: Path, exported) -> None:  # type: ignore[no-untyped-def]
+    user = tmp_path / "user.onnx"
+    user.write_bytes(exported.onnx_path.read_bytes())
+    manifest = _onnx_manifest(tmp_path, user, file_sha256(user))
+    result = onnx_for(manifest, manifest.network("segmenter"), cache_dir=tmp_path)
+    assert result.onnx_path == user.resolve() and not result.exported
+
+    wrong_hash = _onnx_manifest(tmp_path, user, "0" * 64)
+    with pytest.raises(ExportError, match=r"networks\.segmenter\.source\.sha256: user\.onnx has sha256"):
+        onnx_for(wrong_hash, wrong_hash.network("segmenter"), cache_dir=tmp_path)
+
+    data = manifest_data()
+    data["networks"]["segmenter"]["source"] = {"kind": "onnx", "path": "user.onnx"}
+    data["networks"]["segmenter"]["inputs"][0]["name"] = "input_image"
+    renamed = parse_manifest(data, tmp_path / "manifest.toml")
+    with pytest.raises(ExportError, match="the ONNX graph has no tensor 'input_image'"):
+        onnx_for(renamed, renamed.network("segmenter"), cache_dir=tmp_path)
+
+    missing = _onnx_manifest(tmp_path, tmp_path / "absent.onnx")
+    with pytest.raises(ExportError, match="does not exist"):
+        onnx_for(missing, missing.network("segmenter"), cache_dir=tmp_path)
+
+
+def test_reference_source_needs_a_known_architecture() -> None:
+    with pytest.raises(ValueError, match="unknown reference architecture 'unet9'"):
+        build_reference("unet9", 4, 0)
+    assert Source(kind="reference", architecture="segmenter").width == 0
+
+
+def test_repository_configs_parse_and_follow_the_manifest(repository: Path, test_manifest: Manifest) -> None:
+    configs = {p.parent.name: parse(p.read_text()) for p in repository.glob("*/config.pbtxt")}
+    assert set(configs) == {"segmenter", "bg_preprocess", "bg_postprocess", "remove_background"}
+    seg = configs["segmenter"]
+    net = test_manifest.network("segmenter")
+    assert seg.backend == "python" and seg.max_batch_size == net.batching.max_batch_size
+    assert list(seg.dynamic_batching.preferred_batch_size) == list(net.batching.preferred_batch_sizes)
+    assert seg.dynamic_batching.max_queue_delay_microseconds == net.batching.max_queue_delay_us
+    assert seg.dynamic_batching.default_queue_policy.max_queue_size == net.batching.queue.max_queue_size
+    assert seg.instance_group[0].count == net.instances.count
+    assert seg.model_warmup[0].inputs["input"].zero_data
+    assert list(seg.model_warmup[0].inputs["input"].dims) == [3, 1024, 1024]
+    ens = configs["remove_background"]
+    assert ens.platform == "ensemble"
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["bg_preprocess", "segmenter", "bg_postprocess"]
+    assert ens.max_batch_size <= min(c.max_batch_size for c in configs.values() if c.platform != "ensemble")
+    assert {i.name: i.optional for i in ens.input} == {"IMAGE": False, "MODE": True, "BACKGROUND": True}
+    pre = configs["bg_preprocess"]
+    assert pre.parameters["max_pixels"].string_value == str(test_manifest.pipelines.remove_background.max_pixels)
+    assert configs["bg_postprocess"].parameters["mask_activation"].string_value == "sigmoid"
+    assert (repository / "segmenter" / "1" / "model.onnx").is_file()
+    assert (repository / "bg_preprocess" / "1" / "model.py").is_file()
+    assert (repository / "remove_background" / "1").is_dir()
+
+
+def test_second_build_changes_nothing(repository: Path, test_manifest: Manifest) -> None:
+    before = {p: p.stat().st_mtime_ns for p in repository.rglob("*") if p.is_file()}
+    built = build_repository(test_manifest, repository)
+    assert {b.action for b in built} == {"unchanged"}
+    assert before == {p: p.stat().st_mtime_ns for p in repository.rglob("*") if p.is_file()}
