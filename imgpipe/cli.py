@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -22,6 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from imgpipe.paths import DEFAULT_MANIFEST, DEFAULT_REPOSITORY, ROOT
+from imgpipe.server import TritonServer
 
 app = typer.Typer(
     help="Image AI pipelines on NVIDIA Triton Inference Server.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -73,13 +73,15 @@ def build(
     console.print(table)
 
 
-def _serve_forever(server: object) -> int:
-    from imgpipe.server import TritonServer
-
-    assert isinstance(server, TritonServer)
+def _stop_on_signals() -> threading.Event:
+    """An event set by Ctrl-C or SIGTERM; installed before the server starts, so no signal is lost."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _serve_until(server: TritonServer, stop: threading.Event) -> int:
     while not stop.wait(0.5):
         if not server.is_running():
             err.print("[red]tritonserver exited unexpectedly[/]")
@@ -100,9 +102,10 @@ def serve(
     log_verbose: Annotated[int, typer.Option(help="Triton's --log-verbose level.")] = 0,
 ) -> None:
     """Start the local tritonserver on the repository, wait until ready, serve until Ctrl-C/SIGTERM."""
-    from imgpipe.server import Ports, ServerError, TritonServer
+    from imgpipe.server import Ports, ServerError
 
     server = TritonServer(repository.resolve(), Ports(http_port, grpc_port, metrics_port), log_verbose=log_verbose)
+    stop = _stop_on_signals()
     try:
         with console.status("starting tritonserver …"):
             server.start()
@@ -122,7 +125,7 @@ def serve(
         models.add_row(m.get("name", ""), m.get("version", ""), m.get("state", ""))
     console.print(models)
     console.print("Ctrl-C stops the server.")
-    raise typer.Exit(_serve_forever(server))
+    raise typer.Exit(_serve_until(server, stop))
 
 
 def remove_background_files(
@@ -198,7 +201,7 @@ def demo(
 ) -> None:
     """What `make run` does: build, start the local server, run every pipeline on sample images, stop."""
     from imgpipe.samples import write_samples
-    from imgpipe.server import Ports, ServerError, TritonServer, free_ports
+    from imgpipe.server import Ports, ServerError, free_ports
 
     build(manifest=manifest, repository=repository, target="python", models=None)
     samples = write_samples(output / "samples")
@@ -229,5 +232,5 @@ def demo(
         raise typer.Exit(1)
 
 
-def main() -> None:  # pragma: no cover
-    sys.exit(app())
+if __name__ == "__main__":
+    app()

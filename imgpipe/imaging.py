@@ -47,7 +47,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             if "A" in image.getbands() or image.mode == "P"
             else image.convert("RGB")
         )
-    return np.asarray(image, dtype=np.uint8)
+    return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
 
 
 def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:

@@ -91,8 +91,11 @@ class TritonDistribution:
         return target
 
 
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+def port_is_free(port: int, host: str = "0.0.0.0") -> bool:
+    """Whether a server could listen on ``port`` now. SO_REUSEADDR, as servers set it: connections
+    lingering in TIME_WAIT after a server stopped do not make the port busy; a listener does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

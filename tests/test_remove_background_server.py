@@ -1,0 +1,144 @@
+"""remove_background end to end: the real tritonserver, over gRPC and HTTP (the ``client`` fixture)."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from imgpipe.clients.remove_background import remove_background
+from imgpipe.clients.triton import InferenceError, TritonClient, bytes_tensor
+from imgpipe.ensembles import background
+from imgpipe.samples import encode, sample_array
+from tests.conftest import TEST_MAX_PIXELS
+
+pytestmark = pytest.mark.server
+
+
+def _png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    return image
+
+
+@pytest.fixture(scope="module")
+def reference_alpha(repository: Path):  # type: ignore[no-untyped-def]
+    """The mask computed outside the server: contract preprocessing → the same ONNX → postprocessing."""
+    session = ort.InferenceSession(
+        str(repository / "segmenter" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+
+    def compute(rgb: np.ndarray) -> np.ndarray:
+        pixels = background.preprocess(torch.from_numpy(rgb))[None].numpy()
+        (logits,) = session.run(None, {"input": pixels})
+        return background.mask_to_alpha(torch.from_numpy(logits[0]), *rgb.shape[:2], "sigmoid").numpy()
+
+    return compute
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"), [("astronaut", "JPEG"), ("coffee", "PNG"), ("chelsea", "WEBP"), ("camera", "PNG")]
+)
+def test_rgba_cutout_has_the_input_size_and_the_segmenter_mask(
+    client: TritonClient, reference_alpha, name: str, fmt: str
+) -> None:  # type: ignore[no-untyped-def]
+    data = encode(sample_array(name), fmt)
+    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    out = _png(remove_background(client, data))
+    assert out.mode == "RGBA" and out.size == (rgb.shape[1], rgb.shape[0])
+    pixels = np.asarray(out)
+    assert pixels.dtype == np.uint8 and 0 <= pixels[..., 3].min() <= pixels[..., 3].max() <= 255
+    np.testing.assert_array_equal(pixels[..., :3], rgb)  # colour untouched: only alpha is added
+    alpha_error = np.abs(pixels[..., 3].astype(int) - reference_alpha(rgb))
+    assert alpha_error.max() <= 1, alpha_error.max()
+
+
+def test_mask_and_composite_modes(client: TritonClient, astronaut_jpeg: bytes) -> None:
+    rgba = np.asarray(_png(remove_background(client, astronaut_jpeg))).astype(np.float32)
+    mask = _png(remove_background(client, astronaut_jpeg, mode="mask"))
+    assert mask.mode == "L" and mask.size == (512, 512)
+    np.testing.assert_array_equal(np.asarray(mask), rgba[..., 3])
+    composite = _png(remove_background(client, astronaut_jpeg, mode="composite", background="#00ff00"))
+    assert composite.mode == "RGB" and composite.size == (512, 512)
+    a = rgba[..., 3:] / 255.0
+    expected = rgba[..., :3] * a + np.array([0, 255, 0]) * (1 - a)
+    assert np.abs(np.asarray(composite) - expected).max() <= 1.0
+
+
+def test_exif_orientation_decides_the_output_size(client: TritonClient) -> None:
+    wide = sample_array("coffee")  # 400×600
+    out = _png(remove_background(client, encode(wide, "JPEG", exif_orientation=6)))
+    assert out.size == (400, 600)
+
+
+def test_one_request_may_carry_several_images_of_different_sizes(client: TritonClient) -> None:
+    images = [encode(sample_array("coffee"), "PNG"), encode(sample_array("astronaut"), "JPEG")]
+    result = client.infer("remove_background", {"IMAGE": bytes_tensor(*images)}, ["OUTPUT"])["OUTPUT"]
+    assert result.shape == (2, 1)
+    assert [_png(bytes(r)).size for r in result.reshape(-1)] == [(600, 400), (512, 512)]
+
+
+def _too_large() -> bytes:
+    side = int(TEST_MAX_PIXELS**0.5) + 10
+    return encode(np.zeros((side, side, 3), np.uint8), "PNG")  # a few kB of bytes, millions of pixels
+
+
+BAD_REQUESTS = [
+    ("empty", dict(image=b""), "empty input: the image has no bytes"),
+    (
+        "not an image",
+        dict(image=b"this is not an image at all"),
+        "not an image: the 27 bytes are not a JPEG, PNG or WebP",
+    ),
+    ("truncated", dict(image=encode(sample_array("astronaut"), "JPEG")[:4000]), "truncated or corrupt JPEG image"),
+    ("bomb", dict(image=_too_large()), f"exceeds the limit of {TEST_MAX_PIXELS}"),
+    ("mode", dict(mode="sepia"), "unsupported MODE 'sepia': expected one of rgba, mask, composite"),
+    ("colour", dict(mode="composite", background="#12345"), "unsupported BACKGROUND '#12345'"),
+]
+
+
+@pytest.mark.parametrize(("case", "kwargs", "message"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(
+    client: TritonClient, astronaut_jpeg: bytes, case: str, kwargs: dict, message: str
+) -> None:
+    request = {"image": astronaut_jpeg, **kwargs}
+    with pytest.raises(InferenceError) as info:
+        remove_background(client, **request)
+    assert info.value.is_invalid_argument, (case, info.value.status)
+    assert info.value.status == ("StatusCode.INVALID_ARGUMENT" if client.protocol == "grpc" else "400")
+    assert message in info.value.message
+    assert _png(remove_background(client, astronaut_jpeg)).size == (512, 512)  # the next request still succeeds
+
+
+def test_concurrent_callers_are_batched_and_bad_requests_do_not_disturb_them(
+    client: TritonClient, astronaut_jpeg: bytes, server
+) -> None:  # type: ignore[no-untyped-def]
+    import tritonclient.http as httpclient
+
+    stats = httpclient.InferenceServerClient(server.http_url)
+
+    def segmenter_counts() -> tuple[int, int]:
+        (entry,) = stats.get_inference_statistics("segmenter")["model_stats"]
+        return int(entry["inference_count"]), int(entry["execution_count"])
+
+    inferences_before, executions_before = segmenter_counts()
+    jobs = [b"not an image" if i % 4 == 3 else astronaut_jpeg for i in range(16)]
+
+    def call(data: bytes) -> str:
+        try:
+            return _png(remove_background(client, data)).mode
+        except InferenceError as exc:
+            return "invalid" if exc.is_invalid_argument else f"other error: {exc}"
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, jobs))
+    assert results == ["invalid" if i % 4 == 3 else "RGBA" for i in range(16)]
+    inferences, executions = segmenter_counts()
+    assert inferences - inferences_before == 12
+    assert executions - executions_before < 12  # dynamic batching grouped concurrent requests
