@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-import tomllib
-
 from imgpipe.paths import DEFAULT_MANIFEST
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the NGC tritonserver images run Python 3.10
+    import tomli as tomllib
 
 # Triton's tensor type names (without the TYPE_ prefix) and their numpy equivalents.
 DTYPES: dict[str, str] = {

@@ -6,11 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from imgpipe.build.repository import build_repository
 from imgpipe.clients.triton import TritonClient
-from imgpipe.manifest import Manifest, load_manifest, parse_manifest
+from imgpipe.manifest import Manifest, load_manifest, parse_manifest, tomllib
 from imgpipe.paths import DEFAULT_MANIFEST
 from imgpipe.samples import encode, sample_array
 from imgpipe.server import Ports, TritonServer, free_ports
