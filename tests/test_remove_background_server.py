@@ -49,7 +49,7 @@ def test_rgba_cutout_has_the_input_size_and_the_segmenter_mask(
     client: TritonClient, reference_alpha, name: str, fmt: str
 ) -> None:  # type: ignore[no-untyped-def]
     data = encode(sample_array(name), fmt)
-    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    rgb = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
     out = _png(remove_background(client, data))
     assert out.mode == "RGBA" and out.size == (rgb.shape[1], rgb.shape[0])
     pixels = np.asarray(out)
