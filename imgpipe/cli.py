@@ -38,39 +38,152 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _gate_table(title: str, errors: list) -> Table:
+    table = Table(title=title)
+    for column in ("network", "output", "max abs", "mean abs", "PSNR dB", "result"):
+        table.add_column(column)
+    for e in errors:
+        psnr = "—" if e.psnr is None else ("inf" if e.psnr == float("inf") else f"{e.psnr:.1f}")
+        verdict = "[green]pass[/]" if e.passed else f"[red]FAIL: {'; '.join(e.failures)}[/]"
+        table.add_row(e.network, e.output, f"{e.max_abs:.3g}", f"{e.mean_abs:.3g}", psnr, verdict)
+    return table
+
+
+def _load(manifest: Path, overrides: list[str] | None):  # type: ignore[no-untyped-def]
+    from imgpipe.manifest import ManifestError, load_manifest
+
+    try:
+        return load_manifest(manifest, overrides or [])
+    except ManifestError as exc:
+        raise _fail(str(exc)) from None
+
+
 @app.command()
 def build(
     manifest: ManifestOpt = DEFAULT_MANIFEST,
     repository: RepoOpt = DEFAULT_REPOSITORY,
-    target: Annotated[str, typer.Option(help="Execution target of the networks: python.")] = "python",
+    target: Annotated[str, typer.Option(help="python, onnxruntime or tensorrt.")] = "python",
     models: Annotated[list[str] | None, typer.Option("--models", help="Build only these models.")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32, fp16 or int8 (default: the manifest's).")] = None,
+    gpu_arch: Annotated[str, typer.Option(help="Plans: 'auto' (this GPU) or compute capabilities, 8.0,9.0.")] = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing; print what would be built.")] = False,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Manifest override KEY=VALUE, e.g. networks.segmenter.batching.max_queue_delay_us=500"
+        ),
+    ] = None,
+    gate: Annotated[bool, typer.Option(help="Run the accuracy gate on every new artifact.")] = True,
 ) -> None:
-    """Export the manifest's networks and write the Triton model repository with generated configs."""
+    """Export the manifest's networks and write the Triton model repository for a target."""
+    from imgpipe.build.accuracy import AccuracyError
     from imgpipe.build.export import ExportError
     from imgpipe.build.repository import build_repository
-    from imgpipe.manifest import ManifestError, load_manifest
+    from imgpipe.build.targets import TARGETS, BuildOptions
+    from imgpipe.build.tensorrt_plan import PlanBuildError
 
+    if target not in TARGETS:
+        raise _fail(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if precision not in (None, "fp32", "fp16", "int8"):
+        raise _fail(f"--precision must be fp32, fp16 or int8, got {precision!r}")
+    archs = () if gpu_arch == "auto" else tuple(a.strip() for a in gpu_arch.split(",") if a.strip())
+    spec = _load(manifest, overrides)
+    options = BuildOptions(target=target, precision=precision, gpu_archs=archs, dry_run=dry_run, gate=gate)  # type: ignore[arg-type]
     try:
-        spec = load_manifest(manifest)
         with Progress(
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
         ) as progress:
             task = progress.add_task("building", total=None)
             built = build_repository(
-                spec,
-                repository,
-                target=target,
-                models=models,  # type: ignore[arg-type]
-                progress=lambda msg: progress.update(task, description=msg),
+                spec, repository, options, models=models, progress=lambda msg: progress.update(task, description=msg)
             )
-    except (ManifestError, ExportError, ValueError) as exc:
+    except AccuracyError as exc:
+        console.print(_gate_table("accuracy gate (build discarded)", exc.errors))
+        raise _fail(f"accuracy gate failed: {exc}") from None
+    except (ExportError, PlanBuildError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    table = Table(title=f"model repository {repository}")
+    for b in built:
+        for command in b.commands:
+            console.print(command, highlight=False, soft_wrap=True)
+        for note in b.notes:
+            console.print(f"# note: {note}", highlight=False)
+    table = Table(title=f"{'dry run: ' if dry_run else ''}model repository {repository} ({target})")
     for column in ("model", "kind", "result", "seconds"):
         table.add_column(column)
     for b in built:
         table.add_row(b.name, b.kind, b.action, f"{b.seconds:.1f}")
     console.print(table)
+    gated = [e for b in built for e in b.gate]
+    if gated:
+        console.print(_gate_table("accuracy gate", gated))
+
+
+@app.command()
+def validate(
+    models: Annotated[list[str] | None, typer.Argument(help="Networks to check (default: all).")] = None,
+    manifest: ManifestOpt = DEFAULT_MANIFEST,
+    repository: RepoOpt = DEFAULT_REPOSITORY,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Manifest override KEY=VALUE.")] = None,
+) -> None:
+    """Run the accuracy gate on the served version of each network; exit 1 if any output drifts."""
+    from imgpipe.build.repository import validate_repository
+
+    spec = _load(manifest, overrides)
+    try:
+        with console.status("validating …"):
+            results = validate_repository(spec, repository, models)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    errors = [e for errs in results.values() for e in errs]
+    console.print(_gate_table("accuracy against the FP32 ONNX Runtime reference", errors))
+    failed = [f"{e.network}.{e.output}" for e in errors if not e.passed]
+    if failed:
+        raise _fail(f"outside tolerance: {', '.join(failed)}")
+
+
+@app.command("versions")
+def versions_cmd(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    repository: RepoOpt = DEFAULT_REPOSITORY,
+) -> None:
+    """List a model's versions with their build metadata; marks the served ones."""
+    from imgpipe.build.versions import served, versions
+
+    found = versions(repository / model)
+    if not found:
+        raise _fail(f"{model}: no versions in {repository / model}")
+    serving = served(repository / model)
+    table = Table(title=f"{model} versions")
+    for column in ("version", "served", "target", "precision", "details", "created"):
+        table.add_column(column)
+    for v in found:
+        meta = v.metadata
+        details = meta.get("onnx_sha256", "")[:12]
+        if meta.get("plans"):
+            details = ", ".join(f"{cc}: {p.get('plan')} ({p.get('gpu', '')}, TRT {p.get('tensorrt', '')})"
+                                for cc, p in meta["plans"].items())  # fmt: skip
+        table.add_row(str(v.number), "●" if v.number in serving else "", meta.get("target", "?"),
+                      meta.get("precision", meta.get("base", {}).get("settings", {}).get("precision", "")),
+                      details, meta.get("created", ""))  # fmt: skip
+    console.print(table)
+
+
+@app.command()
+def rollback(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    repository: RepoOpt = DEFAULT_REPOSITORY,
+    to: Annotated[int | None, typer.Option(help="Version to serve (default: the one before the served one).")] = None,
+) -> None:
+    """Serve the previous version (pins it in the config's version_policy until the next new build)."""
+    from imgpipe.build.versions import VersionError
+    from imgpipe.build.versions import rollback as do_rollback
+
+    try:
+        version = do_rollback(repository / model, to)
+    except VersionError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"{model}: now serving version {version} (a server polling the repository picks it up;"
+                  " otherwise restart it)")  # fmt: skip
 
 
 def _stop_on_signals() -> threading.Event:
@@ -100,11 +213,19 @@ def serve(
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
     log_verbose: Annotated[int, typer.Option(help="Triton's --log-verbose level.")] = 0,
+    cache_mib: Annotated[int, typer.Option(help="Response cache size in MiB (models with response_cache).")] = 0,
+    poll_secs: Annotated[int, typer.Option(help="Poll the repository every N s for new versions (0: off).")] = 0,
 ) -> None:
     """Start the local tritonserver on the repository, wait until ready, serve until Ctrl-C/SIGTERM."""
     from imgpipe.server import Ports, ServerError
 
-    server = TritonServer(repository.resolve(), Ports(http_port, grpc_port, metrics_port), log_verbose=log_verbose)
+    server = TritonServer(
+        repository.resolve(),
+        Ports(http_port, grpc_port, metrics_port),
+        log_verbose=log_verbose,
+        cache_mib=cache_mib,
+        poll_secs=poll_secs,
+    )
     stop = _stop_on_signals()
     try:
         with console.status("starting tritonserver …"):
@@ -203,7 +324,10 @@ def demo(
     from imgpipe.samples import write_samples
     from imgpipe.server import Ports, ServerError, free_ports
 
-    build(manifest=manifest, repository=repository, target="python", models=None)
+    build(
+        manifest=manifest, repository=repository, target="python", models=None, precision=None, gpu_arch="auto",
+        dry_run=False, overrides=None, gate=True,
+    )  # fmt: skip
     samples = write_samples(output / "samples")
     console.print(f"sample images in {output / 'samples'}")
     server = TritonServer(repository.resolve(), Ports(*free_ports(3)))

@@ -123,10 +123,67 @@ class Instances:
     count: int = 1
     kind: Literal["cpu", "gpu"] = "cpu"
     gpus: tuple[int, ...] = ()
+    # TensorRT: give every instance its own optimization profile (one instance group per profile), so
+    # concurrent execution contexts never share one.
+    profile_per_instance: bool = False
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ManifestError("count: must be at least 1")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Accuracy gate: how far the built artifact may drift from the FP32 ONNX Runtime reference."""
+
+    max_abs: float = 1e-3
+    mean_abs: float = 1e-4
+    min_psnr: float = 0.0  # dB, image outputs (rank >= 3) only; 0 disables
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Sample inputs for INT8 calibration, the accuracy gate and ``sample`` warmup.
+
+    ``images`` are scikit-image sample names (``astronaut``) or image paths relative to the manifest;
+    ``preprocessing`` names the network's own preprocessing (see ``imgpipe.build.calibration``).
+    """
+
+    images: tuple[str, ...] = ("astronaut", "coffee", "chelsea", "camera")
+    preprocessing: str = "random"
+    batch_size: int = 2
+
+
+@dataclass(frozen=True)
+class TensorRT:
+    workspace_mib: int = 4096
+    builder_optimization_level: int = 3
+    hardware_compatible: bool = False  # AMPERE_PLUS: one plan for every Ampere-or-newer GPU
+    version_compatible: bool = False
+    cuda_graphs: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.builder_optimization_level <= 5:
+            raise ManifestError("builder_optimization_level: must be within 0..5")
+
+
+@dataclass(frozen=True)
+class OnnxRuntime:
+    """The ``onnxruntime`` target: optionally with ONNX Runtime's TensorRT execution provider."""
+
+    tensorrt_accelerator: bool = False
+    engine_cache_path: str = "/tmp/imgpipe-ort-trt-cache"
+
+
+@dataclass(frozen=True)
+class Serving:
+    warmup: Literal["zero", "random", "sample", "none"] = "zero"
+    response_cache: bool = False
+    keep_versions: int = 1  # version_policy latest { num_versions }
+
+    def __post_init__(self) -> None:
+        if self.keep_versions < 1:
+            raise ManifestError("keep_versions: must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -141,6 +198,11 @@ class Network:
     opset: int = 18
     batching: Batching = field(default_factory=Batching)
     instances: Instances = field(default_factory=Instances)
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    calibration: Calibration = field(default_factory=Calibration)
+    tensorrt: TensorRT = field(default_factory=TensorRT)
+    onnxruntime: OnnxRuntime = field(default_factory=OnnxRuntime)
+    serving: Serving = field(default_factory=Serving)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -270,7 +332,30 @@ def parse_manifest(data: dict[str, Any], path: Path | None = None) -> Manifest:
     return manifest
 
 
-def load_manifest(path: Path | None = None) -> Manifest:
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``dotted.key=value`` (value in TOML syntax; bare words are strings) to a manifest dict."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ManifestError(
+            f"--set {assignment!r}: expected KEY=VALUE, e.g. networks.segmenter.batching.max_batch_size=8"
+        )
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    table = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        node = table.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ManifestError(f"{'.'.join(parts[: i + 1])}: is not a table, cannot set {key}")
+        table = node
+    table[parts[-1]] = value
+
+
+def load_manifest(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Manifest:
+    """Read and validate a manifest; ``overrides`` are ``KEY=VALUE`` assignments applied first."""
     path = Path(path or DEFAULT_MANIFEST)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -278,4 +363,6 @@ def load_manifest(path: Path | None = None) -> Manifest:
         raise ManifestError(f"{path}: manifest not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{path}: not valid TOML: {exc}") from None
+    for assignment in overrides:
+        apply_override(data, assignment)
     return parse_manifest(data, path.resolve())

@@ -51,6 +51,7 @@ class TritonDistribution:
     libs: Path
     backends: Path
     stubs: Path
+    caches: Path
 
     @classmethod
     def find(cls) -> TritonDistribution:
@@ -66,6 +67,7 @@ class TritonDistribution:
             libs=root.parent / "nvidia_pytriton.libs",
             backends=root / "tritonserver" / "backends",
             stubs=root / "tritonserver" / "python_backend_stubs",
+            caches=root / "tritonserver" / "caches",
         )
         if not dist.binary.is_file():
             raise ServerError(f"no tritonserver binary at {dist.binary}")
@@ -146,6 +148,8 @@ class TritonServer:
     cache_dir: Path | None = None
     extra_args: tuple[str, ...] = ()
     log_path: Path | None = None
+    cache_mib: int = 0  # response cache (models whose config enables it)
+    poll_secs: int = 0  # poll the repository for new/rolled-back versions
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log_lines: list[str] = field(default_factory=list, init=False, repr=False)
     _reader: threading.Thread | None = field(default=None, init=False, repr=False)
@@ -178,6 +182,12 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
             "--exit-on-error=true",
             "--strict-readiness=true",
+            *(
+                [f"--cache-directory={dist.caches}", f"--cache-config=local,size={self.cache_mib << 20}"]
+                if self.cache_mib
+                else []
+            ),
+            *(["--model-control-mode=poll", f"--repository-poll-secs={self.poll_secs}"] if self.poll_secs else []),
             *self.extra_args,
         ]
 
