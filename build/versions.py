@@ -100,6 +100,14 @@ def rollback(model_dir: Path, to: int | None = None) -> int:
         to = older[-1]
     if to not in numbers:
         raise VersionError(f"{model_dir.name}: no version {to} (have {', '.join(map(str, numbers))})")
+    by_number = {v.number: v for v in versions(model_dir)}
+    now_target = by_number[max(current)].metadata.get("target") if current else None
+    then_target = by_number[to].metadata.get("target")
+    if now_target and then_target and now_target != then_target:
+        raise VersionError(
+            f"{model_dir.name}: version {to} was built for the {then_target} target, the config serves"
+            f" {now_target}: rebuild with --target {then_target} instead"
+        )
     config_path = model_dir / "config.pbtxt"
     config = parse(config_path.read_text())
     config.version_policy.specific.versions[:] = [to]
