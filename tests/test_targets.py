@@ -110,24 +110,17 @@ def test_gate_reports_real_fp16_error_and_a_drifting_build_is_discarded(tmp_path
 
 
 def test_validate_command_fails_when_tolerance_is_below_the_real_error(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    env = {**os.environ, "COLUMNS": "250"}
-    built = subprocess.run([*IMGPIPE, "build", "-r", str(repo), *WIDTH4, "--precision", "fp16", "--models", "segmenter"],
-                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    repo = str(tmp_path / "repo")
+    built = _imgpipe("build", "-r", repo, *WIDTH4, "--precision", "fp16", "--models", "segmenter")
     assert built.returncode == 0, built.stderr
     assert "accuracy gate" in built.stdout and "pass" in built.stdout
-    ok = subprocess.run(
-        [*IMGPIPE, "validate", "-r", str(repo), *WIDTH4], capture_output=True, text=True, env=env, timeout=300
-    )
+    ok = _imgpipe("validate", "-r", repo, *WIDTH4)
     assert ok.returncode == 0, ok.stderr
     assert "segmenter" in ok.stdout and "max abs" in ok.stdout
-    tight = subprocess.run([*IMGPIPE, "validate", "-r", str(repo), *WIDTH4, "--set", "networks.segmenter.tolerance.max_abs=1e-7"],
-                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    tight = _imgpipe("validate", "-r", repo, *WIDTH4, "--set", "networks.segmenter.tolerance.max_abs=1e-7")
     assert tight.returncode == 1
     assert "FAIL" in tight.stdout and "outside tolerance: segmenter.logits" in tight.stderr
-    listed = subprocess.run(
-        [*IMGPIPE, "versions", "segmenter", "-r", str(repo)], capture_output=True, text=True, env=env
-    )
+    listed = _imgpipe("versions", "segmenter", "-r", repo)
     assert listed.returncode == 0 and "fp16" in listed.stdout and "python" in listed.stdout
 
 
