@@ -38,6 +38,8 @@ class TritonClient:
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s = timeout_s
         self._local = threading.local()
+        self._opened: list[Any] = []  # every thread's connection, so close() reaches them all
+        self._lock = threading.Lock()
 
     @property
     def _module(self) -> Any:
@@ -58,6 +60,8 @@ class TritonClient:
                     self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
                 )
             self._local.client = client
+            with self._lock:
+                self._opened.append(client)
         return client
 
     def is_ready(self, model: str | None = None) -> bool:
@@ -91,10 +95,19 @@ class TritonClient:
         return {name: result.as_numpy(name) for name in outputs}
 
     def close(self) -> None:
-        client = getattr(self._local, "client", None)
-        if client is not None:
+        """Close every connection this client opened. Triton waits for open HTTP keep-alive connections
+        when it shuts down (up to its exit timeout, 30 s by default), so close clients you are done with."""
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for client in opened:
             client.close()
-            self._local.client = None
+        self._local = threading.local()
+
+    def __enter__(self) -> TritonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def bytes_tensor(*items: bytes | str) -> np.ndarray:

@@ -275,6 +275,7 @@ def remove_background_files(
 
     columns = (TextColumn("remove-bg"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with (
+        client,
         Progress(*columns, console=console, disable=len(images) < 2) as progress,
         ThreadPoolExecutor(max(1, concurrency)) as pool,
     ):

@@ -52,9 +52,10 @@ def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="session", params=["grpc", "http"])
-def client(request: pytest.FixtureRequest, server: TritonServer) -> TritonClient:
+def client(request: pytest.FixtureRequest, server: TritonServer) -> Iterator[TritonClient]:
     url = server.grpc_url if request.param == "grpc" else server.http_url
-    return TritonClient(url, request.param)
+    with TritonClient(url, request.param) as connected:
+        yield connected
 
 
 @pytest.fixture(scope="session")

@@ -140,5 +140,6 @@ def test_concurrent_callers_are_batched_and_bad_requests_do_not_disturb_them(
         results = list(pool.map(call, jobs))
     assert results == ["invalid" if i % 4 == 3 else "RGBA" for i in range(16)]
     inferences, executions = segmenter_counts()
+    stats.close()
     assert inferences - inferences_before == 12
     assert executions - executions_before < 12  # dynamic batching grouped concurrent requests

@@ -169,3 +169,57 @@ def test_serving_knobs_reach_the_config(tmp_path: Path) -> None:
     assert warmup.inputs["input"].input_data_file == "input"
     sample = repo / "segmenter" / "warmup" / "input"
     assert sample.stat().st_size == 3 * 1024 * 1024 * 4  # one preprocessed FP32 image
+
+
+@pytest.mark.server
+def test_server_loads_a_repository_with_every_knob_and_serves(tmp_path: Path, astronaut_jpeg: bytes) -> None:
+    from imgpipe.clients.remove_background import remove_background
+    from imgpipe.clients.triton import TritonClient
+    from imgpipe.server import Ports, TritonServer, free_ports
+
+    manifest = _manifest(
+        tmp_path,
+        networks__segmenter__batching__queue={
+            "max_queue_size": 16,
+            "timeout_action": "DELAY",
+            "default_timeout_us": 10**7,
+        },
+        networks__segmenter__instances={"count": 2, "kind": "cpu"},
+        networks__segmenter__serving={"warmup": "sample", "response_cache": True, "keep_versions": 2},
+    )
+    repo = tmp_path / "repo"
+    build_repository(manifest, repo, BuildOptions(precision="fp16"))
+    with TritonServer(repo, Ports(*free_ports(3)), cache_mib=16) as server:
+        states = {(m["name"], m.get("version")): m.get("state") for m in server.loaded_models()}
+        assert states[("segmenter", "1")] == "READY"
+        with TritonClient(server.grpc_url, "grpc") as client:
+            first = remove_background(client, astronaut_jpeg)
+            assert first[:8] == b"\x89PNG\r\n\x1a\n"
+            stats = client.connection.get_inference_statistics("segmenter", as_json=True)["model_stats"][0]
+            assert int(stats["inference_count"]) >= 1
+
+
+@pytest.mark.server
+def test_rollback_reaches_a_polling_server(test_manifest: Manifest, tmp_path: Path) -> None:
+    import time
+
+    import tritonclient.http as httpclient
+
+    from imgpipe.server import Ports, TritonServer, free_ports
+
+    repo = tmp_path / "repo"
+    build_repository(test_manifest, repo)
+    build_repository(test_manifest, repo, BuildOptions(precision="fp16"), models=["segmenter"])
+    with TritonServer(repo, Ports(*free_ports(3)), poll_secs=1) as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        assert client.is_model_ready("segmenter", "2") and not client.is_model_ready("segmenter", "1")
+        rollback(repo / "segmenter")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not client.is_model_ready("segmenter", "1"):
+            time.sleep(0.5)
+        assert client.is_model_ready("segmenter", "1")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and client.is_model_ready("segmenter", "2"):
+            time.sleep(0.5)
+        assert not client.is_model_ready("segmenter", "2")
+        client.close()  # an open keep-alive connection would hold Triton's shutdown for its exit timeout
