@@ -9,6 +9,7 @@ get a ``.gitignore`` of ``*`` so build outputs never reach a commit.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -135,6 +136,46 @@ def remove_background_models(manifest: Manifest) -> list[ModelSpec]:
     return [pre, post, ensemble]
 
 
+def detect_faces_models(manifest: Manifest) -> list[ModelSpec]:
+    """The ``detect_faces`` BLS model (MTCNN cascade) over the pnet/rnet/onet networks."""
+    settings = manifest.pipelines.detect_faces
+    if settings is None:
+        return []
+    networks = {
+        role: {
+            "model": net.name,
+            "input": net.input().name,
+            "outputs": [o.name for o in net.outputs],
+            "max_batch": net.batching.max_batch_size,
+        }
+        for role, net in (
+            ("pnet", manifest.network(settings.pnet)),
+            ("rnet", manifest.network(settings.rnet)),
+            ("onet", manifest.network(settings.onet)),
+        )
+    }
+    return [
+        ModelSpec(
+            name="detect_faces",
+            backend="python",
+            inputs=(Tensor("IMAGE", "BYTES", (1,)),),
+            outputs=(
+                Tensor("BOXES", "FP32", (-1, 4)),
+                Tensor("SCORES", "FP32", (-1,)),
+                Tensor("LANDMARKS", "FP32", (-1, 5, 2)),
+            ),
+            max_batch_size=0,  # one image per request: the face count varies
+            instance_groups=(InstanceGroup(count=settings.instances, kind="cpu"),),
+            parameters={"max_pixels": str(settings.max_pixels), "networks": json.dumps(networks)},
+        )
+    ]
+
+
+def pipeline_models(manifest: Manifest) -> list[ModelSpec]:
+    """Every Python step, BLS model and ensemble the manifest's pipelines need."""
+    return [*remove_background_models(manifest), *detect_faces_models(manifest)]
+
+
 def build_pipeline_model(spec: ModelSpec, repo: Path) -> BuiltModel:
     model_dir = repo / spec.name
     if spec.platform == "ensemble":
@@ -161,7 +202,7 @@ def build_repository(
     if options.target not in TARGETS:
         raise ValueError(f"unknown target {options.target!r}: expected one of {', '.join(TARGETS)}")
     wanted = set(models) if models else None
-    known = set(manifest.networks) | {s.name for s in remove_background_models(manifest)}
+    known = set(manifest.networks) | {s.name for s in pipeline_models(manifest)}
     unknown = sorted((wanted or set()) - known)
     if unknown:
         raise ValueError(f"--models: no model named {', '.join(unknown)} (have: {', '.join(sorted(known))})")
@@ -178,7 +219,7 @@ def build_repository(
     if options.dry_run:
         return built
     repo.mkdir(parents=True, exist_ok=True)
-    for spec in remove_background_models(manifest):
+    for spec in pipeline_models(manifest):
         if wanted is not None and spec.name not in wanted:
             continue
         report(f"writing {spec.name}")

@@ -70,8 +70,15 @@ class TritonClient:
         except Exception:
             return False
 
-    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        """Run ``model`` on named numpy inputs (batch dimension included) and return named outputs."""
+    def infer(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str],
+        parameters: dict[str, str | int | float | bool] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run ``model`` on named numpy inputs (batch dimension included, if the model has one) and
+        return named outputs. ``parameters`` become Triton request parameters."""
         from tritonclient.utils import InferenceServerException
 
         module = self._module
@@ -87,9 +94,11 @@ class TritonClient:
         requested = [module.InferRequestedOutput(name) for name in outputs]
         try:
             if self.protocol == "grpc":
-                result = self.connection.infer(model, infer_inputs, outputs=requested, client_timeout=self.timeout_s)
+                result = self.connection.infer(
+                    model, infer_inputs, outputs=requested, client_timeout=self.timeout_s, parameters=parameters
+                )
             else:
-                result = self.connection.infer(model, infer_inputs, outputs=requested)
+                result = self.connection.infer(model, infer_inputs, outputs=requested, parameters=parameters)
         except InferenceServerException as exc:
             raise InferenceError(str(exc.status()), exc.message() or str(exc)) from None
         return {name: result.as_numpy(name) for name in outputs}

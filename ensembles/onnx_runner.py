@@ -31,7 +31,20 @@ class OnnxBatchRunner:
         self.fixed_batch = first if isinstance(first, int) else None
 
     def run(self, batches: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        """Run several requests' inputs as one batch; returns each request's outputs."""
+        """Run several requests' inputs as one batch (one batch per distinct input shape, e.g. pnet's
+        pyramid levels); returns each request's outputs, in order."""
+        groups: dict[tuple, list[int]] = {}
+        for index, batch in enumerate(batches):
+            groups.setdefault(tuple(batch[n].shape[1:] for n in self.input_names), []).append(index)
+        if len(groups) > 1:
+            results: list[dict[str, np.ndarray]] = [{} for _ in batches]
+            for indices in groups.values():
+                for index, out in zip(indices, self._run_same_shape([batches[i] for i in indices]), strict=True):
+                    results[index] = out
+            return results
+        return self._run_same_shape(batches)
+
+    def _run_same_shape(self, batches: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         counts = [len(next(iter(b.values()))) for b in batches]
         feeds = {name: np.concatenate([b[name] for b in batches]) for name in self.input_names}
         if self.fixed_batch == 1 and sum(counts) > 1:

@@ -39,14 +39,17 @@ class PythonStep:
         responses = []
         for request in requests:
             try:
-                outputs = self.handle(request)
-                responses.append(self.response(outputs))
-            except InvalidInputError as exc:
-                responses.append(self.error(str(exc), self.pb.TritonError.INVALID_ARG))
+                responses.append(self.response(self.handle(request)))
             except Exception as exc:  # keep serving: one failed request must not take the batch down
-                detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                responses.append(self.error(f"{self.name} failed: {detail}", self.pb.TritonError.INTERNAL))
+                responses.append(self.failure(exc))
         return responses
+
+    def failure(self, exc: Exception) -> Any:
+        """The error response for an exception: INVALID_ARG for the caller's mistakes, else INTERNAL."""
+        if isinstance(exc, InvalidInputError):
+            return self.error(str(exc), self.pb.TritonError.INVALID_ARG)
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        return self.error(f"{self.name} failed: {detail}", self.pb.TritonError.INTERNAL)
 
     def response(self, outputs: dict[str, np.ndarray | torch.Tensor]) -> Any:
         tensors = []
@@ -74,6 +77,30 @@ class PythonStep:
         if t is None:
             raise InvalidInputError(f"missing input {name!r}")
         return [bytes(v) for v in t.as_numpy().reshape(-1)]
+
+    def single_image(self, request: Any, name: str = "IMAGE") -> bytes:
+        items = self.bytes_items(request, name)
+        if len(items) != 1:
+            raise InvalidInputError(f"input {name!r} must hold exactly one image, got {len(items)}")
+        return items[0]
+
+    def request_parameters(self, request: Any) -> dict[str, Any]:
+        """The request's parameters (Triton request parameters, sent by the client)."""
+        raw = request.parameters() if hasattr(request, "parameters") else "{}"
+        return json.loads(raw) if raw else {}
+
+    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        """One BLS request to another model of the repository, outputs in ``outputs`` order (on CPU)."""
+        request = self.pb.InferenceRequest(
+            model_name=model,
+            requested_output_names=list(outputs),
+            inputs=[self.pb.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()],
+            preferred_memory=self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_CPU, 0),
+        )
+        response = await request.async_exec()
+        if response.has_error():
+            raise RuntimeError(f"{model}: {response.error().message()}")
+        return [self.pb.get_output_tensor_by_name(response, n).as_numpy() for n in outputs]
 
     def optional_string(self, request: Any, name: str) -> str | None:
         """An optional BYTES input holding one UTF-8 string (the same for every batch item)."""

@@ -234,8 +234,20 @@ class RemoveBackground:
 
 
 @dataclass(frozen=True)
+class DetectFaces:
+    """Settings of the ``detect_faces`` pipeline: which networks are its MTCNN stages."""
+
+    pnet: str = "pnet"
+    rnet: str = "rnet"
+    onet: str = "onet"
+    max_pixels: int = 40_000_000
+    instances: int = 1
+
+
+@dataclass(frozen=True)
 class Pipelines:
     remove_background: RemoveBackground = field(default_factory=RemoveBackground)
+    detect_faces: DetectFaces | None = None
 
 
 @dataclass(frozen=True)
@@ -251,7 +263,16 @@ class Manifest:
             raise ManifestError(f"networks.{name}: no such network (have: {', '.join(self.networks)})") from None
 
     def resolve(self, relative: str) -> Path:
-        """Paths in the manifest are relative to the manifest's folder."""
+        """Paths in the manifest are relative to the manifest's folder; ``package:NAME/FILE`` is a file
+        inside an installed Python package (found without importing it)."""
+        if relative.startswith("package:"):
+            import importlib.util
+
+            package, _, inner = relative.removeprefix("package:").partition("/")
+            spec = importlib.util.find_spec(package)
+            if spec is None or not spec.submodule_search_locations:
+                raise ManifestError(f"{relative}: the Python package {package!r} is not installed")
+            return Path(next(iter(spec.submodule_search_locations))) / inner
         base = self.path.parent if self.path else Path.cwd()
         return (base / relative).resolve()
 
@@ -282,6 +303,9 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             raise ManifestError(f"{key}: expected a table, got {value!r}")
         return {k: _convert(v, item, f"{key}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: present in the manifest means X
+            return _convert(value, options[0], key)
         raise ManifestError(f"{key}: cannot be set in the manifest")
     expected = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}[hint]
     ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))

@@ -1,0 +1,52 @@
+"""Clients for the face pipelines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from imgpipe.clients.triton import TritonClient
+
+DETECT_MODEL = "detect_faces"
+
+
+@dataclass(frozen=True)
+class Face:
+    box: tuple[float, float, float, float]  # x, y, width, height in pixels of the original image
+    score: float
+    landmarks: tuple[tuple[float, float], ...]  # left eye, right eye, nose, left mouth, right mouth
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "box": [round(v, 2) for v in self.box],
+            "score": round(self.score, 6),
+            "landmarks": [[round(x, 2), round(y, 2)] for x, y in self.landmarks],
+        }
+
+
+def detect_faces(
+    client: TritonClient,
+    image: bytes,
+    min_face_size: int | None = None,
+    thresholds: tuple[float, float, float] | None = None,
+) -> list[Face]:
+    """Faces in ``image``, best first. ``min_face_size`` (pixels) and the three MTCNN stage
+    ``thresholds`` are sent as request parameters; the server's defaults are 20 and (0.6, 0.7, 0.7)."""
+    parameters: dict[str, str | int | float | bool] = {}
+    if min_face_size is not None:
+        parameters["min_face_size"] = int(min_face_size)
+    if thresholds is not None:
+        for stage, value in zip(("pnet", "rnet", "onet"), thresholds, strict=True):
+            parameters[f"{stage}_threshold"] = float(value)
+    out = client.infer(
+        DETECT_MODEL,
+        {"IMAGE": np.array([image], dtype=object)},
+        ["BOXES", "SCORES", "LANDMARKS"],
+        parameters=parameters or None,
+    )
+    faces = []
+    for (x1, y1, x2, y2), score, points in zip(out["BOXES"], out["SCORES"], out["LANDMARKS"], strict=True):
+        landmarks = tuple((float(x), float(y)) for x, y in points)
+        faces.append(Face((float(x1), float(y1), float(x2 - x1), float(y2 - y1)), float(score), landmarks))
+    return faces
