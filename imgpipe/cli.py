@@ -315,6 +315,97 @@ def remove_bg(
         raise typer.Exit(1)
 
 
+def draw_faces(image: bytes, faces: list, target: Path) -> None:
+    """The image with each face's box and five landmarks drawn, as PNG."""
+    import io
+
+    from PIL import Image, ImageDraw, ImageOps
+
+    picture = ImageOps.exif_transpose(Image.open(io.BytesIO(image))).convert("RGB")
+    pen = ImageDraw.Draw(picture)
+    width = max(2, round(max(picture.size) / 300))
+    for face in faces:
+        x, y, w, h = face.box
+        pen.rectangle([x, y, x + w, y + h], outline=(255, 140, 0), width=width)
+        for px, py in face.landmarks:
+            pen.ellipse([px - width * 1.5, py - width * 1.5, px + width * 1.5, py + width * 1.5], fill=(0, 200, 255))
+        pen.text((x, max(0, y - 12)), f"{face.score:.3f}", fill=(255, 140, 0))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(target, format="PNG")
+
+
+@app.command()
+def detect(
+    image: Annotated[Path, typer.Argument(help="JPEG/PNG/WebP file.", exists=True, dir_okay=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the faces as JSON.")] = False,
+    draw: Annotated[Path | None, typer.Option(help="Write the image with boxes and landmarks (PNG).")] = None,
+    url: Annotated[str | None, typer.Option(help="Server address (default localhost:8001 gRPC, :8000 HTTP).")] = None,
+    protocol: Annotated[str, typer.Option(help="grpc or http.")] = "grpc",
+    min_face_size: Annotated[int | None, typer.Option(help="Smallest face to find, in pixels (default 20).")] = None,
+    thresholds: Annotated[str | None, typer.Option(help="MTCNN stage thresholds, e.g. 0.6,0.7,0.7.")] = None,
+) -> None:
+    """Detect faces: boxes [x, y, width, height], scores and 5 landmarks in the original image's pixels."""
+    import json
+
+    from imgpipe.clients.faces import detect_faces
+    from imgpipe.clients.triton import InferenceError, TritonClient
+
+    if protocol not in ("grpc", "http"):
+        raise _fail(f"--protocol must be grpc or http, got {protocol!r}")
+    stages = None
+    if thresholds:
+        try:
+            stages = tuple(float(v) for v in thresholds.split(","))
+        except ValueError:
+            raise _fail(f"--thresholds must be three numbers, got {thresholds!r}") from None
+        if len(stages) != 3:
+            raise _fail(f"--thresholds must be three numbers, got {thresholds!r}")
+    data = image.read_bytes()
+    try:
+        with TritonClient(url, protocol) as client:  # type: ignore[arg-type]
+            faces = detect_faces(client, data, min_face_size, stages)  # type: ignore[arg-type]
+    except InferenceError as exc:
+        raise _fail(f"{exc.status}: {exc.message}") from None
+    if as_json:
+        print(json.dumps({"faces": [f.as_json() for f in faces]}))
+    else:
+        table = Table(title=f"{len(faces)} face(s) in {image.name}")
+        for column in ("box x, y, w, h", "score", "landmarks"):
+            table.add_column(column)
+        for f in faces:
+            table.add_row(", ".join(f"{v:.0f}" for v in f.box), f"{f.score:.4f}",
+                          "  ".join(f"({x:.0f}, {y:.0f})" for x, y in f.landmarks))  # fmt: skip
+        console.print(table)
+    if draw is not None:
+        draw_faces(data, faces, draw)
+        if not as_json:
+            console.print(f"wrote {draw}")
+
+
+def _demo_faces(samples: list[Path], folder: Path, url: str) -> int:
+    """detect_faces on every sample: JSON and a drawing each; returns the number of failures."""
+    import json
+
+    from imgpipe.clients.faces import detect_faces
+    from imgpipe.clients.triton import InferenceError, TritonClient
+
+    failures = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    with TritonClient(url, "grpc") as client:
+        for path in samples:
+            try:
+                faces = detect_faces(client, path.read_bytes())
+            except InferenceError as exc:
+                err.print(f"[red]{path}[/]: {exc.status}: {exc.message}")
+                failures += 1
+                continue
+            (folder / f"{path.stem}.json").write_text(json.dumps({"faces": [f.as_json() for f in faces]}, indent=1))
+            draw_faces(path.read_bytes(), faces, folder / f"{path.stem}.png")
+            console.print(f"detect_faces: {len(faces)} face(s) in {path.name}")
+    console.print(f"detect_faces: JSON and drawings in {folder}")
+    return failures
+
+
 @app.command()
 def demo(
     manifest: ManifestOpt = DEFAULT_MANIFEST,
@@ -347,6 +438,7 @@ def demo(
             for path, message in failed:
                 err.print(f"[red]{path}[/]: {message}")
             console.print(f"remove_background ({mode}): {len(written)} PNGs in {folder}")
+        failures += _demo_faces(samples, output / "faces", server.grpc_url)
     finally:
         server.stop()
     console.print(
