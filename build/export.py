@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 
 from imgpipe.manifest import Manifest, Network, TensorSpec
 from imgpipe.paths import CACHE_DIR
@@ -105,6 +106,12 @@ def export_reference(net: Network, target: Path) -> None:
             verbose=False,
         )
     program.save(str(target), external_data=False)
+    extras = model.onnx_initializers() if hasattr(model, "onnx_initializers") else {}
+    if extras:  # e.g. the swapper's emap, which inswapper-contract consumers read as the last initializer
+        graph = onnx.load(str(target))
+        for name, value in extras.items():
+            graph.graph.initializer.append(onnx.numpy_helper.from_array(value, name=name))
+        onnx.save(graph, str(target))
 
 
 def _torch_dtype(spec: TensorSpec) -> str:

@@ -141,19 +141,7 @@ def detect_faces_models(manifest: Manifest) -> list[ModelSpec]:
     settings = manifest.pipelines.detect_faces
     if settings is None:
         return []
-    networks = {
-        role: {
-            "model": net.name,
-            "input": net.input().name,
-            "outputs": [o.name for o in net.outputs],
-            "max_batch": net.batching.max_batch_size,
-        }
-        for role, net in (
-            ("pnet", manifest.network(settings.pnet)),
-            ("rnet", manifest.network(settings.rnet)),
-            ("onet", manifest.network(settings.onet)),
-        )
-    }
+    networks = _roles(manifest, {"pnet": settings.pnet, "rnet": settings.rnet, "onet": settings.onet})
     return [
         ModelSpec(
             name="detect_faces",
@@ -171,9 +159,76 @@ def detect_faces_models(manifest: Manifest) -> list[ModelSpec]:
     ]
 
 
+def _roles(manifest: Manifest, roles: dict[str, str]) -> dict[str, dict[str, object]]:
+    """What a BLS model needs to call each network it uses: model name, I/O names, max batch."""
+    return {
+        role: {
+            "model": net.name,
+            "inputs": [i.name for i in net.inputs],
+            "outputs": [o.name for o in net.outputs],
+            "max_batch": net.batching.max_batch_size,
+        }
+        for role, net in ((role, manifest.network(name)) for role, name in roles.items())
+    }
+
+
+def swap_face_models(manifest: Manifest) -> list[ModelSpec]:
+    """The ``swap_face`` BLS model: MTCNN + recognizer + swapper."""
+    settings, detect = manifest.pipelines.swap_face, manifest.pipelines.detect_faces
+    if settings is None or detect is None:
+        return []
+    roles = {"pnet": detect.pnet, "rnet": detect.rnet, "onet": detect.onet}
+    networks = _roles(manifest, {**roles, "recognizer": settings.recognizer, "swapper": settings.swapper})
+    return [
+        ModelSpec(
+            name="swap_face",
+            backend="python",
+            inputs=(Tensor("SOURCE", "BYTES", (1,)), Tensor("TARGET", "BYTES", (1,))),
+            outputs=(Tensor("IMAGE", "BYTES", (1,)), Tensor("SWAPPED", "INT32", (1,))),
+            max_batch_size=0,
+            instance_groups=(InstanceGroup(count=settings.instances, kind="cpu"),),
+            parameters={
+                "max_pixels": str(settings.max_pixels),
+                "mask_blur": str(settings.mask_blur),
+                "networks": json.dumps(networks),
+            },
+        )
+    ]
+
+
+def write_emap(manifest: Manifest, repo: Path, cache_dir: Path) -> bool:
+    """The swapper's emap (its ONNX graph's last initializer, inswapper contract) as
+    ``swap_face/1/emap.npy``, read by the swap_face model."""
+    settings = manifest.pipelines.swap_face
+    if settings is None:
+        return False
+    import io
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    export = onnx_for(manifest, manifest.network(settings.swapper), cache_dir=cache_dir)
+    initializers = onnx.load(str(export.onnx_path)).graph.initializer
+    emap = numpy_helper.to_array(initializers[-1]) if initializers else None
+    if emap is None or emap.shape != (512, 512):
+        raise ValueError(
+            f"networks.{settings.swapper}: the swapper's last ONNX initializer must be the 512×512 emap"
+            f" (inswapper contract), found {None if emap is None else emap.shape}"
+        )
+    buffer = io.BytesIO()
+    np.save(buffer, emap.astype(np.float32))
+    target = repo / "swap_face" / VERSION / "emap.npy"
+    if target.is_file() and target.read_bytes() == buffer.getvalue():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(buffer.getvalue())
+    return True
+
+
 def pipeline_models(manifest: Manifest) -> list[ModelSpec]:
     """Every Python step, BLS model and ensemble the manifest's pipelines need."""
-    return [*remove_background_models(manifest), *detect_faces_models(manifest)]
+    return [*remove_background_models(manifest), *detect_faces_models(manifest), *swap_face_models(manifest)]
 
 
 def build_pipeline_model(spec: ModelSpec, repo: Path) -> BuiltModel:
@@ -223,7 +278,10 @@ def build_repository(
         if wanted is not None and spec.name not in wanted:
             continue
         report(f"writing {spec.name}")
-        built.append(build_pipeline_model(spec, repo))
+        result = build_pipeline_model(spec, repo)
+        if spec.name == "swap_face" and write_emap(manifest, repo, cache_dir):
+            result = dataclasses.replace(result, action="written")
+        built.append(result)
     return built
 
 

@@ -50,3 +50,26 @@ def detect_faces(
         landmarks = tuple((float(x), float(y)) for x, y in points)
         faces.append(Face((float(x1), float(y1), float(x2 - x1), float(y2 - y1)), float(score), landmarks))
     return faces
+
+
+SWAP_MODEL = "swap_face"
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    image: bytes  # the encoded target (PNG or JPEG)
+    swapped: int  # how many faces were replaced (0: no face in the target, returned unchanged)
+
+
+def swap_face(
+    client: TritonClient, source: bytes, target: bytes, faces: str | int = "all", fmt: str = "png"
+) -> SwapResult:
+    """Replace faces of ``target`` with the largest face of ``source``. ``faces``: ``all``, ``largest``
+    or an index in detection order (best score first); ``fmt``: ``png`` or ``jpeg``."""
+    out = client.infer(
+        SWAP_MODEL,
+        {"SOURCE": np.array([source], dtype=object), "TARGET": np.array([target], dtype=object)},
+        ["IMAGE", "SWAPPED"],
+        parameters={"faces": str(faces), "format": fmt},
+    )
+    return SwapResult(bytes(out["IMAGE"].reshape(-1)[0]), int(out["SWAPPED"].reshape(-1)[0]))

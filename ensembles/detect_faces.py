@@ -19,23 +19,49 @@ from imgpipe.ensembles.step import PythonStep
 from imgpipe.imaging import DEFAULT_MAX_PIXELS, decode_image
 
 
-class DetectFaces(PythonStep):
+class NetworkCaller(PythonStep):
+    """A Python-backend model that calls manifest networks by role through BLS."""
+
     def __init__(self, pb_utils: Any, args: dict[str, str]) -> None:
         super().__init__(pb_utils, args)
         self.max_pixels = int(self.parameters.get("max_pixels", DEFAULT_MAX_PIXELS))
-        # role ("pnet", "rnet", "onet") -> {"model", "input", "outputs", "max_batch"}, from the manifest
+        # role -> {"model", "inputs", "outputs", "max_batch"}, written by the build from the manifest
         self.networks: dict[str, dict[str, Any]] = json.loads(self.parameters["networks"])
 
-    async def run(self, role: str, x: np.ndarray) -> tuple[np.ndarray, ...]:
+    async def run(self, role: str, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+        """All items as one batch (split at the network's max_batch_size, the pieces concurrent);
+        outputs in manifest order."""
         net = self.networks[role]
-        if len(x) == 0:
+        count = len(inputs[0])
+        if count == 0:
             return tuple(np.zeros((0,)) for _ in net["outputs"])
         step = int(net["max_batch"])
         parts = await asyncio.gather(
-            *(self.infer(net["model"], {net["input"]: x[i : i + step]}, net["outputs"]) for i in range(0, len(x), step))
+            *(
+                self.infer(
+                    net["model"],
+                    {n: x[i : i + step] for n, x in zip(net["inputs"], inputs, strict=True)},
+                    net["outputs"],
+                )
+                for i in range(0, count, step)
+            )
         )
         return tuple(np.concatenate([p[j] for p in parts]) for j in range(len(net["outputs"])))
 
+    async def execute(self, requests: Sequence[Any]) -> list[Any]:  # type: ignore[override]
+        async def one(request: Any) -> Any:
+            try:
+                return self.response(await self.handle_async(request))
+            except Exception as exc:
+                return self.failure(exc)
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    async def handle_async(self, request: Any) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class DetectFaces(NetworkCaller):
     async def detect(self, rgb: np.ndarray, params: mtcnn.MtcnnParams) -> mtcnn.Faces:
         image = mtcnn.image_tensor(rgb)
         height, width = rgb.shape[:2]
@@ -56,12 +82,3 @@ class DetectFaces(PythonStep):
         rgb = decode_image(self.single_image(request), self.max_pixels)
         faces = await self.detect(rgb, params)
         return {"BOXES": faces.boxes, "SCORES": faces.scores, "LANDMARKS": faces.landmarks}
-
-    async def execute(self, requests: Sequence[Any]) -> list[Any]:  # type: ignore[override]
-        async def one(request: Any) -> Any:
-            try:
-                return self.response(await self.handle_async(request))
-            except Exception as exc:
-                return self.failure(exc)
-
-        return list(await asyncio.gather(*(one(r) for r in requests)))

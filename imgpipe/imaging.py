@@ -50,6 +50,15 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
 
 
+def encode_image(array: np.ndarray, fmt: str = "png", quality: int = 92) -> bytes:
+    """``H×W×3`` uint8 → PNG or JPEG bytes."""
+    if fmt == "png":
+        return encode_png(array)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
     """``H×W`` (L), ``H×W×3`` (RGB) or ``H×W×4`` (RGBA) ``uint8`` → PNG bytes (fast compression)."""
     buffer = io.BytesIO()

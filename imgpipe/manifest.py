@@ -245,9 +245,21 @@ class DetectFaces:
 
 
 @dataclass(frozen=True)
+class SwapFace:
+    """Settings of the ``swap_face`` pipeline (it detects faces with the ``detect_faces`` networks)."""
+
+    recognizer: str = "recognizer"
+    swapper: str = "swapper"
+    max_pixels: int = 40_000_000
+    instances: int = 1
+    mask_blur: float = 0.3  # feathering of the paste-back box mask, as a fraction of the crop width
+
+
+@dataclass(frozen=True)
 class Pipelines:
     remove_background: RemoveBackground = field(default_factory=RemoveBackground)
     detect_faces: DetectFaces | None = None
+    swap_face: SwapFace | None = None
 
 
 @dataclass(frozen=True)

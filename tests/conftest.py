@@ -23,6 +23,7 @@ def manifest_data() -> dict:
     """The default manifest as a dict, shrunk for tests (a fresh copy each call, free to modify)."""
     data = tomllib.loads(DEFAULT_MANIFEST.read_text())
     data["networks"]["segmenter"]["source"]["width"] = TEST_WIDTH
+    data["networks"]["swapper"]["source"]["width"] = TEST_WIDTH
     data["pipelines"]["remove_background"]["max_pixels"] = TEST_MAX_PIXELS
     return data
 

@@ -7,10 +7,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from imgpipe.build.networks import segmenter
+from imgpipe.build.networks import recognizer, segmenter, swapper
 
 ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     "segmenter": segmenter.build,
+    "recognizer": recognizer.build,
+    "swapper": swapper.build,
 }
 
 
@@ -27,8 +29,8 @@ def build_reference(architecture: str, width: int, seed: int) -> nn.Module:
     return model.eval()
 
 
-def count_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-adds ×2 of the convolutions and linear layers for one forward pass on ``example``."""
+def count_flops(model: nn.Module, *examples: torch.Tensor) -> int:
+    """Multiply-adds ×2 of the convolutions and linear layers for one forward pass on ``examples``."""
     total = 0
 
     def conv_hook(module: nn.Conv2d, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -48,7 +50,7 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
             handles.append(m.register_forward_hook(linear_hook))
     try:
         with torch.inference_mode():
-            model(example)
+            model(*examples)
     finally:
         for h in handles:
             h.remove()
