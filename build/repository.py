@@ -24,6 +24,7 @@ from imgpipe.build.tensorrt_plan import local_gpu
 from imgpipe.build.triton_config import InstanceGroup, ModelSpec, Step, Tensor, render
 from imgpipe.build.versions import served, versions
 from imgpipe.manifest import Batching, Manifest, Network
+from imgpipe.manifest import DetectFaces as DetectFacesSettings
 from imgpipe.paths import CACHE_DIR, DEFAULT_REPOSITORY
 
 VERSION = "1"  # Python steps and ensembles have one version; networks are versioned by their builds
@@ -141,7 +142,7 @@ def detect_faces_models(manifest: Manifest) -> list[ModelSpec]:
     settings = manifest.pipelines.detect_faces
     if settings is None:
         return []
-    networks = _roles(manifest, {"pnet": settings.pnet, "rnet": settings.rnet, "onet": settings.onet})
+    networks = _roles(manifest, _detector_roles(settings))
     return [
         ModelSpec(
             name="detect_faces",
@@ -154,9 +155,23 @@ def detect_faces_models(manifest: Manifest) -> list[ModelSpec]:
             ),
             max_batch_size=0,  # one image per request: the face count varies
             instance_groups=(InstanceGroup(count=settings.instances, kind="cpu"),),
-            parameters={"max_pixels": str(settings.max_pixels), "networks": json.dumps(networks)},
+            parameters={
+                "max_pixels": str(settings.max_pixels),
+                "networks": json.dumps(networks),
+                **_detector_params(settings),
+            },
         )
     ]
+
+
+def _detector_roles(settings: DetectFacesSettings) -> dict[str, str]:
+    if settings.detector == "mtcnn":
+        return {"pnet": settings.pnet, "rnet": settings.rnet, "onet": settings.onet}
+    return {"detector": settings.network}
+
+
+def _detector_params(settings: DetectFacesSettings) -> dict[str, str]:
+    return {"detector": settings.detector, "input_size": str(settings.input_size)}
 
 
 def _roles(manifest: Manifest, roles: dict[str, str]) -> dict[str, dict[str, object]]:
@@ -177,8 +192,8 @@ def swap_face_models(manifest: Manifest) -> list[ModelSpec]:
     settings, detect = manifest.pipelines.swap_face, manifest.pipelines.detect_faces
     if settings is None or detect is None:
         return []
-    roles = {"pnet": detect.pnet, "rnet": detect.rnet, "onet": detect.onet}
-    networks = _roles(manifest, {**roles, "recognizer": settings.recognizer, "swapper": settings.swapper})
+    roles = {**_detector_roles(detect), "recognizer": settings.recognizer, "swapper": settings.swapper}
+    networks = _roles(manifest, roles)
     return [
         ModelSpec(
             name="swap_face",
@@ -191,6 +206,7 @@ def swap_face_models(manifest: Manifest) -> list[ModelSpec]:
                 "max_pixels": str(settings.max_pixels),
                 "mask_blur": str(settings.mask_blur),
                 "networks": json.dumps(networks),
+                **_detector_params(detect),
             },
         )
     ]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from imgpipe.ensembles import mtcnn
+from imgpipe.ensembles import face_decoders, mtcnn
 from imgpipe.ensembles.step import PythonStep
 from imgpipe.imaging import DEFAULT_MAX_PIXELS, decode_image
 
@@ -62,7 +62,23 @@ class NetworkCaller(PythonStep):
 
 
 class DetectFaces(NetworkCaller):
+    def __init__(self, pb_utils: Any, args: dict[str, str]) -> None:
+        super().__init__(pb_utils, args)
+        self.detector = self.parameters.get("detector", "mtcnn")
+        self.input_size = int(self.parameters.get("input_size", "640"))
+
     async def detect(self, rgb: np.ndarray, params: mtcnn.MtcnnParams) -> mtcnn.Faces:
+        """Faces in original-image pixels, best first, with the configured detector."""
+        if self.detector == "mtcnn":
+            return await self.cascade(rgb, params)
+        x, box = face_decoders.letterbox(rgb, self.input_size, self.detector)
+        outputs = await self.run("detector", x)
+        decode = face_decoders.DECODERS[self.detector]
+        kwargs = {} if params.score_threshold is None else {"threshold": params.score_threshold}
+        faces = decode(list(outputs), self.input_size, self.input_size, **kwargs)
+        return box.to_image(faces, *rgb.shape[:2])
+
+    async def cascade(self, rgb: np.ndarray, params: mtcnn.MtcnnParams) -> mtcnn.Faces:
         image = mtcnn.image_tensor(rgb)
         height, width = rgb.shape[:2]
         scales = mtcnn.pyramid(height, width, params)

@@ -34,12 +34,20 @@ class MtcnnParams:
     min_face_size: int = 20
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     scale_factor: float = 0.709
+    score_threshold: float | None = None  # single-network detectors (SCRFD, YuNet); None: their default
 
     @classmethod
     def from_request(cls, parameters: dict[str, object]) -> MtcnnParams:
         """Request parameters ``min_face_size``, ``pnet_threshold``, ``rnet_threshold``,
         ``onet_threshold``, ``scale_factor``; anything else or out of range is the caller's mistake."""
-        known = {"min_face_size", "pnet_threshold", "rnet_threshold", "onet_threshold", "scale_factor"}
+        known = {
+            "min_face_size",
+            "pnet_threshold",
+            "rnet_threshold",
+            "onet_threshold",
+            "scale_factor",
+            "score_threshold",
+        }
         unknown = sorted(set(parameters) - known)
         if unknown:
             raise InvalidInputError(f"unknown parameter {unknown[0]!r}: expected {', '.join(sorted(known))}")
@@ -63,6 +71,7 @@ class MtcnnParams:
                 number("onet_threshold", base.thresholds[2], 0.0, 1.0),
             ),
             scale_factor=number("scale_factor", base.scale_factor, 0.1, 0.95),
+            score_threshold=number("score_threshold", 0.5, 0.0, 1.0) if "score_threshold" in parameters else None,
         )
 
 

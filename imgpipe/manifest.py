@@ -235,8 +235,12 @@ class RemoveBackground:
 
 @dataclass(frozen=True)
 class DetectFaces:
-    """Settings of the ``detect_faces`` pipeline: which networks are its MTCNN stages."""
+    """Settings of the ``detect_faces`` pipeline: the MTCNN cascade (``pnet``/``rnet``/``onet``), or one
+    network of a user ONNX file decoded as SCRFD/RetinaFace or YuNet (``network``, ``input_size``)."""
 
+    detector: Literal["mtcnn", "scrfd", "yunet"] = "mtcnn"
+    network: str = ""
+    input_size: int = 640
     pnet: str = "pnet"
     rnet: str = "rnet"
     onet: str = "onet"
