@@ -19,6 +19,22 @@ from imgpipe.build.calibration import sample_batches
 from imgpipe.manifest import Manifest, Network
 
 
+def _drop_duplicate_nodes(model: onnx.ModelProto) -> None:
+    """The float16 converter can insert the same Cast twice (same input, same output name; seen on the
+    swapper graph), which ONNX Runtime refuses as a duplicate definition. Identical nodes compute the
+    same value, so all but the first are dropped."""
+    seen: set[bytes] = set()
+    keep = []
+    for node in model.graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            keep.append(node)
+    if len(keep) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+
+
 def convert(source: Path, target: Path, precision: str, manifest: Manifest, net: Network) -> None:
     if precision == "fp32":
         shutil.copyfile(source, target)
@@ -26,6 +42,7 @@ def convert(source: Path, target: Path, precision: str, manifest: Manifest, net:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+        _drop_duplicate_nodes(model)
         onnx.save(model, str(target))
     elif precision == "int8":
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static

@@ -310,10 +310,12 @@ def validate_repository(
     """Run the accuracy gate on the served version of every network (or ``models``) in ``repo``."""
     results: dict[str, list[OutputError]] = {}
     for net in manifest.networks.values():
+        model_dir = repo / net.name
         if models and net.name not in models:
             continue
-        model_dir = repo / net.name
         serving = served(model_dir)
+        if not serving and not models:
+            continue  # validate what was built; a named model must exist
         if not serving:
             raise ValueError(f"{net.name}: no built version in {model_dir}: run `imgpipe build` first")
         version = next(v for v in versions(model_dir) if v.number == serving[-1])
@@ -330,4 +332,6 @@ def validate_repository(
         else:
             candidate = onnx_runner(version.path / "model.onnx")
         results[net.name] = gate(manifest, net, export.onnx_path, candidate)
+    if not results:
+        raise ValueError(f"no built network in {repo}: run `imgpipe build` first")
     return results

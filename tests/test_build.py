@@ -118,7 +118,14 @@ def test_reference_source_needs_a_known_architecture() -> None:
 
 def test_repository_configs_parse_and_follow_the_manifest(repository: Path, test_manifest: Manifest) -> None:
     configs = {p.parent.name: parse(p.read_text()) for p in repository.glob("*/config.pbtxt")}
-    assert set(configs) == {"segmenter", "bg_preprocess", "bg_postprocess", "remove_background"}
+    networks = {"segmenter", "pnet", "rnet", "onet", "recognizer", "swapper"}
+    assert set(configs) == networks | {
+        "bg_preprocess",
+        "bg_postprocess",
+        "remove_background",
+        "detect_faces",
+        "swap_face",
+    }
     seg = configs["segmenter"]
     net = test_manifest.network("segmenter")
     assert seg.backend == "python" and seg.max_batch_size == net.batching.max_batch_size
@@ -131,7 +138,8 @@ def test_repository_configs_parse_and_follow_the_manifest(repository: Path, test
     ens = configs["remove_background"]
     assert ens.platform == "ensemble"
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["bg_preprocess", "segmenter", "bg_postprocess"]
-    assert ens.max_batch_size <= min(c.max_batch_size for c in configs.values() if c.platform != "ensemble")
+    steps = ("segmenter", "bg_preprocess", "bg_postprocess")
+    assert ens.max_batch_size <= min(configs[name].max_batch_size for name in steps)
     assert {i.name: i.optional for i in ens.input} == {"IMAGE": False, "MODE": True, "BACKGROUND": True}
     pre = configs["bg_preprocess"]
     assert pre.parameters["max_pixels"].string_value == str(test_manifest.pipelines.remove_background.max_pixels)

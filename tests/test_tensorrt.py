@@ -114,7 +114,8 @@ def test_dry_run_prints_trtexec_lines_and_writes_nothing(tmp_path: Path) -> None
     env = {**os.environ, "COLUMNS": "400"}
     done = subprocess.run(
         [sys.executable, "-m", "imgpipe.cli", "build", "--target", "tensorrt", "--dry-run", "--precision", "fp16",
-         "--gpu-arch", "8.0,9.0", "-r", str(repo), "--set", "networks.segmenter.source.width=4"],
+         "--gpu-arch", "8.0,9.0", "-r", str(repo), "--set", "networks.segmenter.source.width=4",
+         "--models", "segmenter"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
