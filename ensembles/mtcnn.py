@@ -107,7 +107,7 @@ def _to_net(x: torch.Tensor) -> np.ndarray:
 
 def image_tensor(rgb: np.ndarray) -> torch.Tensor:
     """H×W×3 uint8 → 1×3×H×W float32 (the cascade's working image)."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).to(torch.float32)
+    return torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1).unsqueeze(0)  # astype: a writable copy
 
 
 def pyramid(height: int, width: int, params: MtcnnParams) -> list[float]:

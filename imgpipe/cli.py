@@ -126,9 +126,12 @@ def validate(
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Manifest override KEY=VALUE.")] = None,
 ) -> None:
     """Run the accuracy gate on the served version of each network; exit 1 if any output drifts."""
+    import time
+
     from imgpipe.build.repository import validate_repository
 
     spec = _load(manifest, overrides)
+    start = time.perf_counter()
     try:
         with console.status("validating …"):
             results = validate_repository(spec, repository, models)
@@ -136,6 +139,7 @@ def validate(
         raise _fail(str(exc)) from None
     errors = [e for errs in results.values() for e in errs]
     console.print(_gate_table("accuracy against the FP32 ONNX Runtime reference", errors))
+    console.print(f"validated {len(results)} network(s) in {time.perf_counter() - start:.1f} s")
     failed = [f"{e.network}.{e.output}" for e in errors if not e.passed]
     if failed:
         raise _fail(f"outside tolerance: {', '.join(failed)}")

@@ -22,7 +22,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,10 +292,3 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def running_server(model_repository: Path, ports: Ports | None = None, **kwargs: object) -> Iterator[TritonServer]:
-    server = TritonServer(model_repository, ports or Ports(), **kwargs)  # type: ignore[arg-type]
-    with server:
-        yield server
