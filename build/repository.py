@@ -20,7 +20,6 @@ from imgpipe.build.accuracy import OutputError, gate, onnx_runner
 from imgpipe.build.export import ExportResult, onnx_for
 from imgpipe.build.files import write_if_changed
 from imgpipe.build.targets import TARGETS, BuildOptions, build_onnx_target, build_tensorrt_target
-from imgpipe.build.tensorrt_plan import local_gpu
 from imgpipe.build.triton_config import InstanceGroup, ModelSpec, Step, Tensor, render
 from imgpipe.build.versions import served, versions
 from imgpipe.manifest import Batching, Manifest, Network
@@ -321,7 +320,7 @@ def validate_repository(
         version = next(v for v in versions(model_dir) if v.number == serving[-1])
         export = onnx_for(manifest, net, cache_dir=cache_dir)
         if version.metadata.get("target") == "tensorrt":
-            gpu = local_gpu()
+            gpu = trtp.local_gpu()
             plans = version.metadata.get("plans", {})
             entry = plans.get("ampere+") or (plans.get(gpu.cc) if gpu else None)
             if trtp.tensorrt_version() is None or entry is None:
