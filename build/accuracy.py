@@ -78,10 +78,9 @@ def compare(net: Network, reference: dict[str, np.ndarray], candidate: dict[str,
 
 def onnx_runner(path: Path) -> Runner:
     """ONNX Runtime on CPU over one batch, with the same runner the ``python`` target serves with."""
-    from imgpipe.ensembles.onnx_runner import OnnxBatchRunner
+    from imgpipe.ensembles.runners import OnnxRuntimeRunner
 
-    runner = OnnxBatchRunner(str(path))
-    return lambda feeds: runner.run([feeds])[0]
+    return OnnxRuntimeRunner(str(path)).run_numpy
 
 
 def gate(

@@ -12,9 +12,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from imgpipe.dtypes import numpy_dtype
 from imgpipe.ensembles import background
 from imgpipe.imaging import decode_image
-from imgpipe.manifest import DTYPES, Manifest, Network, TensorSpec
+from imgpipe.manifest import Manifest, Network, TensorSpec
 from imgpipe.samples import SAMPLES, sample_array
 
 # name -> (RGB uint8 H×W×3, the input's spec) -> one preprocessed item (no batch dimension)
@@ -37,7 +38,7 @@ def sample_batches(manifest: Manifest, net: Network, limit: int | None = None) -
     if cal.preprocessing == "random":
         rng = np.random.default_rng(0)
         items = [
-            {s.name: rng.standard_normal(s.static_shape).astype(DTYPES[s.dtype]) for s in net.inputs}
+            {s.name: rng.standard_normal(s.static_shape).astype(numpy_dtype(s.dtype)) for s in net.inputs}
             for _ in range(max(count, 1))
         ]
     else:

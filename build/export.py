@@ -22,18 +22,9 @@ from pathlib import Path
 import onnx
 import onnx.numpy_helper
 
-from imgpipe.manifest import Manifest, Network, TensorSpec
+from imgpipe.dtypes import onnx_type, torch_dtype
+from imgpipe.manifest import Manifest, Network
 from imgpipe.paths import CACHE_DIR
-
-ONNX_DTYPES = {
-    "BOOL": onnx.TensorProto.BOOL,
-    "UINT8": onnx.TensorProto.UINT8,
-    "INT8": onnx.TensorProto.INT8,
-    "INT32": onnx.TensorProto.INT32,
-    "INT64": onnx.TensorProto.INT64,
-    "FP16": onnx.TensorProto.FLOAT16,
-    "FP32": onnx.TensorProto.FLOAT,
-}
 
 
 class ExportError(RuntimeError):
@@ -89,7 +80,7 @@ def export_reference(net: Network, target: Path) -> None:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     model = build_reference(net.source.architecture, net.source.width, net.source.seed)
     examples = tuple(
-        torch.zeros(1, *spec.static_shape, dtype=getattr(torch, _torch_dtype(spec))) for spec in net.inputs
+        torch.zeros(1, *spec.static_shape, dtype=torch_dtype(spec.dtype)) for spec in net.inputs
     )
     batch = torch.export.Dim("batch", min=1, max=max(2, net.batching.max_batch_size))
     dynamic = tuple({0: batch} for _ in net.inputs)
@@ -114,10 +105,6 @@ def export_reference(net: Network, target: Path) -> None:
         onnx.save(graph, str(target))
 
 
-def _torch_dtype(spec: TensorSpec) -> str:
-    return {"FP32": "float32", "FP16": "float16", "UINT8": "uint8", "INT64": "int64", "INT32": "int32"}[spec.dtype]
-
-
 def check_onnx(path: Path, net: Network) -> None:
     """``onnx.checker`` and shape inference pass, and the graph's I/O matches the manifest."""
     model = onnx.load(str(path))
@@ -134,7 +121,7 @@ def check_onnx(path: Path, net: Network) -> None:
                 f"{net.name}: the ONNX graph has no tensor {spec.name!r} (graph I/O: {', '.join(graph_io)})"
             )
         elem = value.type.tensor_type.elem_type
-        if elem != ONNX_DTYPES.get(spec.dtype):
+        if elem != onnx_type(spec.dtype):
             raise ExportError(
                 f"{net.name}: {spec.name!r} is {onnx.TensorProto.DataType.Name(elem)} in the ONNX graph,"
                 f" the manifest says {spec.dtype}"

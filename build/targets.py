@@ -1,8 +1,12 @@
-"""Networks for each execution target (DESIGN §3): artifacts, versions, configs and the accuracy gate.
+"""Targets (DESIGN §3): the one place that decides how a network is emitted for Triton.
 
-``python``      the ONNX (at the requested precision) + the ONNX Runtime runner adapter (Python backend)
-``onnxruntime`` the ONNX for Triton's ONNX Runtime backend, optionally with its TensorRT accelerator
-``tensorrt``    one ``model_smXY.plan`` per GPU architecture, ``cc_model_filenames`` in the config
+``python``      :class:`PythonTarget`: the ONNX (at the requested precision) served by the generic
+                Python-backend adapter around a :class:`~imgpipe.ensembles.runners.Runner`
+``onnxruntime`` :class:`OnnxRuntimeTarget`: the ONNX for Triton's ONNX Runtime backend, optionally with
+                its TensorRT accelerator
+``tensorrt``    :class:`TensorRTTarget`: one ``model_smXY.plan`` per GPU architecture,
+                ``cc_model_filenames`` in the config; the plan builder is passed in (a
+                :class:`PlanBuilder`), so merging plans across architectures is testable without TensorRT
 
 A build writes a new version folder only when the artifact's cache key changed (ONNX hash, target,
 precision and build settings; for plans also the TensorRT version and compute capability). Serving
@@ -14,11 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
@@ -26,20 +31,25 @@ from imgpipe.build import tensorrt_plan as trtp
 from imgpipe.build.accuracy import AccuracyError, OutputError, gate, onnx_runner
 from imgpipe.build.calibration import sample_batches
 from imgpipe.build.export import ExportResult
-from imgpipe.build.files import write_if_changed
+from imgpipe.build.files import write_bytes_if_changed, write_if_changed
 from imgpipe.build.onnx_precision import convert
 from imgpipe.build.triton_config import Accelerator, ModelSpec, instance_groups, network_model, render
 from imgpipe.build.versions import discard, latest, new_version_dir, pinned_policy, write_metadata
 from imgpipe.manifest import Instances, Manifest, Network
 
-Target = Literal["python", "onnxruntime", "tensorrt"]
+TargetName = Literal["python", "onnxruntime", "tensorrt"]
 TARGETS: tuple[str, ...] = ("python", "onnxruntime", "tensorrt")
 Report = Callable[[str], None]
+ADAPTER = "adapters/model.py"  # the generic Python-backend adapter, package data of imgpipe.ensembles
+
+
+def adapter_source() -> str:
+    return resources.files("imgpipe.ensembles").joinpath(ADAPTER).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    target: Target = "python"
+    target: TargetName = "python"
     precision: str | None = None  # overrides every network's manifest precision
     gpu_archs: tuple[str, ...] = ()  # empty: "auto", this machine's GPU
     dry_run: bool = False
@@ -66,10 +76,8 @@ def _write_warmup_samples(manifest: Manifest, net: Network, model_dir: Path) -> 
     if net.serving.warmup != "sample":
         return
     (batch, *_rest) = sample_batches(manifest, net, limit=1)
-    for name, value in batch.items():
-        path = model_dir / "warmup" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(np.ascontiguousarray(value[:1]).tobytes())
+    for name, value in batch.items():  # unchanged files keep their mtime: a polling server stays quiet
+        write_bytes_if_changed(model_dir / "warmup" / name, np.ascontiguousarray(value[:1]).tobytes())
 
 
 def _finish_config(spec: ModelSpec, model_dir: Path, new_version: bool) -> bool:
@@ -80,84 +88,180 @@ def _finish_config(spec: ModelSpec, model_dir: Path, new_version: bool) -> bool:
     return write_if_changed(model_dir / "config.pbtxt", render(spec))
 
 
-def onnx_model_spec(net: Network, target: str, precision: str) -> ModelSpec:
-    if target == "python":
-        # The runner executes ONNX Runtime on CPU: CPU instances whatever the manifest says for GPUs.
-        cpu = Instances(count=net.instances.count, kind="cpu")
-        return network_model(
-            net, backend="python", parameters={"onnx_file": "model.onnx"}, instance_groups=instance_groups(cpu)
-        )
-    accelerators: tuple[Accelerator, ...] = ()
-    if net.onnxruntime.tensorrt_accelerator and net.instances.kind == "gpu":
-        accelerators = (
-            Accelerator(
-                "tensorrt",
-                {
-                    "precision_mode": {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}[precision],
-                    "max_workspace_size_bytes": str(net.tensorrt.workspace_mib << 20),
-                    "trt_engine_cache_enable": "true",
-                    "trt_engine_cache_path": net.onnxruntime.engine_cache_path,
-                },
-            ),
-        )
-    return network_model(
-        net, platform="onnxruntime_onnx", default_model_filename="model.onnx", gpu_accelerators=accelerators
-    )
+class PlanBuilder(Protocol):
+    """What the ``tensorrt`` target needs from TensorRT (:mod:`imgpipe.build.tensorrt_plan` is the real
+    one; tests pass a fake to exercise versions and multi-architecture merging without a GPU)."""
+
+    def tensorrt_version(self) -> str | None: ...
+    def local_gpu(self) -> trtp.Gpu | None: ...
+    def build_plan(
+        self,
+        onnx_path: Path,
+        plan_path: Path,
+        net: Network,
+        settings: trtp.PlanSettings,
+        timing_cache: Path,
+        calibration: Sequence[dict[str, np.ndarray]] = (),
+        calib_cache: Path | None = None,
+    ) -> dict[str, Any]: ...
+    def run_plan(self, plan_path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-def build_onnx_target(
-    manifest: Manifest, net: Network, export: ExportResult, model_dir: Path, options: BuildOptions, report: Report
-) -> NetworkBuild:
-    start = time.perf_counter()
-    precision = options.precision or net.precision
-    key = _key(
-        {
-            "onnx": export.sha256,
-            "target": options.target,
-            "precision": precision,
-            "calibration": net.calibration if precision == "int8" else None,
-        }
-    )
-    newest = latest(model_dir)
-    gate_errors: tuple[OutputError, ...] = ()
-    if newest and newest.metadata.get("key") == key:
-        version, action = newest.number, "unchanged"
-    elif options.dry_run:
-        version, action = None, "would write a new version"
-    else:
-        version_dir = new_version_dir(model_dir)
-        try:
-            report(f"{net.name}: writing version {version_dir.name} ({options.target}, {precision})")
-            convert(export.onnx_path, version_dir / "model.onnx", precision, manifest, net)
-            if options.target == "python":
-                adapter = resources.files("imgpipe.ensembles").joinpath("adapters/onnx_runner_model.py").read_text()
-                (version_dir / "model.py").write_text(adapter)
-            if options.gate:
-                report(f"{net.name}: accuracy gate")
-                gate_errors = tuple(gate(manifest, net, export.onnx_path, onnx_runner(version_dir / "model.onnx")))
-                if not all(e.passed for e in gate_errors):
-                    raise AccuracyError(list(gate_errors))
-        except BaseException:
-            discard(version_dir)  # a failed or drifting build never becomes a served version
-            raise
-        write_metadata(
-            version_dir,
+class TensorRTPlanBuilder:
+    """The real :class:`PlanBuilder`: TensorRT's Python API (imported lazily, only where it is used)."""
+
+    tensorrt_version = staticmethod(trtp.tensorrt_version)
+    local_gpu = staticmethod(trtp.local_gpu)
+    build_plan = staticmethod(trtp.build_plan)
+    run_plan = staticmethod(trtp.run_plan)
+
+
+class Target(ABC):
+    """How a network becomes a Triton model: its artifact, version folder and config."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def build(
+        self,
+        manifest: Manifest,
+        net: Network,
+        export: ExportResult,
+        model_dir: Path,
+        options: BuildOptions,
+        report: Report,
+        cache_dir: Path,
+    ) -> NetworkBuild:
+        """Write a new version when the artifact's cache key changed, and the config."""
+
+    @abstractmethod
+    def candidate(self, version_dir: Path, metadata: dict[str, Any]) -> Callable[[dict], dict]:
+        """A runner over one batch of numpy inputs for the artifact in ``version_dir`` (the gate)."""
+
+
+class OnnxTarget(Target):
+    """Targets whose artifact is an ONNX file (at the build's precision) in the version folder."""
+
+    def model_spec(self, net: Network, precision: str) -> ModelSpec:
+        raise NotImplementedError
+
+    def write_artifacts(self, version_dir: Path) -> None:
+        """Files beside ``model.onnx`` that the target's backend needs."""
+
+    def candidate(self, version_dir: Path, metadata: dict[str, Any]) -> Callable[[dict], dict]:
+        return onnx_runner(version_dir / "model.onnx")
+
+    def build(
+        self,
+        manifest: Manifest,
+        net: Network,
+        export: ExportResult,
+        model_dir: Path,
+        options: BuildOptions,
+        report: Report,
+        cache_dir: Path,
+    ) -> NetworkBuild:
+        start = time.perf_counter()
+        precision = options.precision or net.precision
+        key = _key(
             {
-                "key": key,
-                "target": options.target,
+                "onnx": export.sha256,
+                "target": self.name,
                 "precision": precision,
-                "onnx_sha256": export.sha256,
-                "source": repr(net.source),
-                "build_seconds": round(time.perf_counter() - start, 2),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "gate": [e.__dict__ for e in gate_errors],
-            },
+                "calibration": net.calibration if precision == "int8" else None,
+            }
         )
-        version, action = int(version_dir.name), f"version {version_dir.name}"
-    if not options.dry_run:
-        _write_warmup_samples(manifest, net, model_dir)
-        _finish_config(onnx_model_spec(net, options.target, precision), model_dir, action.startswith("version"))
-    return NetworkBuild(net.name, action, version, time.perf_counter() - start, gate_errors)
+        newest = latest(model_dir)
+        gate_errors: tuple[OutputError, ...] = ()
+        if newest and newest.metadata.get("key") == key:
+            version, action = newest.number, "unchanged"
+        elif options.dry_run:
+            version, action = None, "would write a new version"
+        else:
+            version_dir = new_version_dir(model_dir)
+            try:
+                report(f"{net.name}: writing version {version_dir.name} ({self.name}, {precision})")
+                convert(export.onnx_path, version_dir / "model.onnx", precision, manifest, net)
+                self.write_artifacts(version_dir)
+                if options.gate:
+                    report(f"{net.name}: accuracy gate")
+                    candidate = self.candidate(version_dir, {})
+                    gate_errors = tuple(gate(manifest, net, export.onnx_path, candidate))
+                    if not all(e.passed for e in gate_errors):
+                        raise AccuracyError(list(gate_errors))
+            except BaseException:
+                discard(version_dir)  # a failed or drifting build never becomes a served version
+                raise
+            write_metadata(
+                version_dir,
+                {
+                    "key": key,
+                    "target": self.name,
+                    "precision": precision,
+                    "onnx_sha256": export.sha256,
+                    "source": repr(net.source),
+                    "build_seconds": round(time.perf_counter() - start, 2),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "gate": [e.__dict__ for e in gate_errors],
+                },
+            )
+            version, action = int(version_dir.name), f"version {version_dir.name}"
+        if not options.dry_run:
+            _write_warmup_samples(manifest, net, model_dir)
+            self.write_config(net, precision, model_dir, action.startswith("version"))
+        return NetworkBuild(net.name, action, version, time.perf_counter() - start, gate_errors)
+
+    def write_config(self, net: Network, precision: str, model_dir: Path, new_version: bool) -> None:
+        _finish_config(self.model_spec(net, precision), model_dir, new_version)
+
+
+class PythonTarget(OnnxTarget):
+    """The ONNX served by the Python backend: the generic adapter around a runner (ONNX Runtime on
+    CPU instances today; the runner decides which device kinds it supports)."""
+
+    name = "python"
+    runner = "onnxruntime"
+
+    def model_spec(self, net: Network, precision: str) -> ModelSpec:
+        from imgpipe.ensembles.network import NetworkStep
+        from imgpipe.ensembles.runners import RUNNERS
+        from imgpipe.pipelines.registry import step_name
+
+        kind = net.instances.kind if net.instances.kind in RUNNERS[self.runner].devices else "cpu"
+        instances = Instances(count=net.instances.count, kind=kind, gpus=net.instances.gpus if kind == "gpu" else ())
+        parameters = {
+            "imgpipe.step": step_name(NetworkStep),
+            "imgpipe.runner": self.runner,
+            "imgpipe.model_file": "model.onnx",
+        }
+        return network_model(net, backend="python", parameters=parameters, instance_groups=instance_groups(instances))
+
+    def write_artifacts(self, version_dir: Path) -> None:
+        write_if_changed(version_dir / "model.py", adapter_source())
+
+
+class OnnxRuntimeTarget(OnnxTarget):
+    """Triton's ONNX Runtime backend, optionally with its TensorRT execution accelerator on GPUs."""
+
+    name = "onnxruntime"
+
+    def model_spec(self, net: Network, precision: str) -> ModelSpec:
+        accelerators: tuple[Accelerator, ...] = ()
+        if net.onnxruntime.tensorrt_accelerator and net.instances.kind == "gpu":
+            accelerators = (
+                Accelerator(
+                    "tensorrt",
+                    {
+                        "precision_mode": {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}[precision],
+                        "max_workspace_size_bytes": str(net.tensorrt.workspace_mib << 20),
+                        "trt_engine_cache_enable": "true",
+                        "trt_engine_cache_path": net.onnxruntime.engine_cache_path,
+                    },
+                ),
+            )
+        return network_model(
+            net, platform="onnxruntime_onnx", default_model_filename="model.onnx", gpu_accelerators=accelerators
+        )
 
 
 def tensorrt_model_spec(net: Network, plans: dict[str, str], profiles: int) -> ModelSpec:
@@ -193,91 +297,124 @@ def resolve_archs(
     )
 
 
-def build_tensorrt_target(
-    manifest: Manifest,
-    net: Network,
-    export: ExportResult,
-    model_dir: Path,
-    options: BuildOptions,
-    report: Report,
-    cache_dir: Path,
-) -> NetworkBuild:
-    start = time.perf_counter()
-    settings = trtp.PlanSettings.of(net, options.precision)
-    profiles = trtp.profiles_for(net)
-    gpu = None if options.dry_run else trtp.local_gpu()
-    archs = resolve_archs(
-        options.gpu_archs, gpu if not options.dry_run else trtp.local_gpu(), settings, options.dry_run
-    )
-    timing_cache = cache_dir / "tensorrt" / "timing.cache"
-    calib_cache = (
-        cache_dir / "tensorrt" / f"{net.name}-{export.sha256[:16]}.calib" if settings.precision == "int8" else None
-    )
-    newest = latest(model_dir)
+class TensorRTTarget(Target):
+    """TensorRT plans, one per compute capability, joined in one version (``cc_model_filenames``)."""
 
-    if options.dry_run:
-        target_dir = model_dir / str((newest.number + 1) if newest else 1)
-        commands = []
-        for cc in archs:
-            plan = target_dir / trtp.plan_filename(None if cc == "ampere+" else cc)
-            where = "any Ampere-or-newer GPU" if cc == "ampere+" else f"a GPU of compute capability {cc}"
-            line = " ".join(trtp.trtexec_command(export.onnx_path, plan, net, settings, timing_cache, calib_cache))
-            commands.append(f"# {net.name} on {where}\n{line}")
-        notes = ()
-        if len(profiles) > 1:
-            notes = (f"trtexec builds one optimization profile; `imgpipe build` builds all {len(profiles)}",)
-        return NetworkBuild(
-            net.name, "dry run", None, time.perf_counter() - start, commands=tuple(commands), notes=notes
-        )
+    name = "tensorrt"
 
-    trt_version = trtp.tensorrt_version()
-    if trt_version is None:
-        raise trtp.PlanBuildError(
-            "TensorRT is not installed here: build plans inside the NGC TensorRT container or where the"
-            " `tensorrt` wheel is installed, or print the trtexec commands with --dry-run"
+    def __init__(self, builder: PlanBuilder | None = None) -> None:
+        self.builder: PlanBuilder = builder or TensorRTPlanBuilder()
+
+    def candidate(self, version_dir: Path, metadata: dict[str, Any]) -> Callable[[dict], dict]:
+        gpu = self.builder.local_gpu()
+        plans = metadata.get("plans", {})
+        entry = plans.get("ampere+") or (plans.get(gpu.cc) if gpu else None)
+        if self.builder.tensorrt_version() is None or entry is None:
+            raise ValueError(f"version {version_dir.name} is a TensorRT plan: validate it on a GPU node with"
+                             " TensorRT installed")  # fmt: skip
+        plan = version_dir / entry["plan"]
+        return lambda feeds: self.builder.run_plan(plan, feeds)
+
+    def build(
+        self,
+        manifest: Manifest,
+        net: Network,
+        export: ExportResult,
+        model_dir: Path,
+        options: BuildOptions,
+        report: Report,
+        cache_dir: Path,
+    ) -> NetworkBuild:
+        start = time.perf_counter()
+        settings = trtp.PlanSettings.of(net, options.precision)
+        profiles = trtp.profiles_for(net)
+        gpu = self.builder.local_gpu()
+        archs = resolve_archs(options.gpu_archs, gpu, settings, options.dry_run)
+        timing_cache = cache_dir / "tensorrt" / "timing.cache"
+        calib_cache = (
+            cache_dir / "tensorrt" / f"{net.name}-{export.sha256[:16]}.calib" if settings.precision == "int8" else None
         )
-    local = gpu.cc if gpu else ""
-    for cc in archs:
-        if cc not in ("ampere+", local):
-            raise trtp.PlanBuildError(
-                f"cannot build a plan for compute capability {cc} on this GPU ({local}): run the build on a node"
-                " of each architecture (their plans join the same version), or set tensorrt.hardware_compatible"
+        newest = latest(model_dir)
+
+        if options.dry_run:
+            target_dir = model_dir / str((newest.number + 1) if newest else 1)
+            commands = []
+            for cc in archs:
+                plan = target_dir / trtp.plan_filename(None if cc == "ampere+" else cc)
+                where = "any Ampere-or-newer GPU" if cc == "ampere+" else f"a GPU of compute capability {cc}"
+                line = " ".join(trtp.trtexec_command(export.onnx_path, plan, net, settings, timing_cache, calib_cache))
+                commands.append(f"# {net.name} on {where}\n{line}")
+            notes = ()
+            if len(profiles) > 1:
+                notes = (f"trtexec builds one optimization profile; `imgpipe build` builds all {len(profiles)}",)
+            return NetworkBuild(
+                net.name, "dry run", None, time.perf_counter() - start, commands=tuple(commands), notes=notes
             )
-    cc = archs[0]
-    base = {"onnx": export.sha256, "settings": settings.__dict__, "tensorrt": trt_version}
-    key = trtp.plan_key(export.sha256, settings, profiles, trt_version, cc)
-    plans: dict[str, dict] = dict(newest.metadata.get("plans", {})) if newest else {}
-    same_base = newest is not None and newest.metadata.get("base") == base
-    if same_base and plans.get(cc, {}).get("key") == key:
-        version_dir, action = newest.path, "unchanged"  # type: ignore[union-attr]
-    else:
-        fresh = not same_base
-        version_dir = new_version_dir(model_dir) if fresh else newest.path  # type: ignore[union-attr]
-        if fresh:
-            plans = {}
-        plan_path = version_dir / trtp.plan_filename(None if cc == "ampere+" else cc)
-        report(f"{net.name}: building {plan_path.name} ({settings.precision})")
-        calibration = sample_batches(manifest, net) if settings.precision == "int8" else []
-        gate_errors: tuple[OutputError, ...] = ()
-        try:
-            meta = trtp.build_plan(export.onnx_path, plan_path, net, settings, timing_cache, calibration, calib_cache)
-            if options.gate:
-                report(f"{net.name}: accuracy gate")
-                gate_errors = tuple(
-                    gate(manifest, net, export.onnx_path, lambda feeds: trtp.run_plan(plan_path, feeds))
+
+        trt_version = self.builder.tensorrt_version()
+        if trt_version is None:
+            raise trtp.PlanBuildError(
+                "TensorRT is not installed here: build plans inside the NGC TensorRT container or where the"
+                " `tensorrt` wheel is installed, or print the trtexec commands with --dry-run"
+            )
+        local = gpu.cc if gpu else ""
+        for cc in archs:
+            if cc not in ("ampere+", local):
+                raise trtp.PlanBuildError(
+                    f"cannot build a plan for compute capability {cc} on this GPU ({local}): run the build on a"
+                    " node of each architecture (their plans join the same version), or set"
+                    " tensorrt.hardware_compatible"
                 )
-                if not all(e.passed for e in gate_errors):
-                    raise AccuracyError(list(gate_errors))
-        except BaseException:
+        cc = archs[0]
+        base = {"onnx": export.sha256, "settings": settings.__dict__, "tensorrt": trt_version}
+        key = trtp.plan_key(export.sha256, settings, profiles, trt_version, cc)
+        plans: dict[str, dict] = dict(newest.metadata.get("plans", {})) if newest else {}
+        same_base = newest is not None and newest.metadata.get("base") == base
+        if same_base and plans.get(cc, {}).get("key") == key:
+            version_dir, action = newest.path, "unchanged"  # type: ignore[union-attr]
+        else:
+            fresh = not same_base
+            version_dir = new_version_dir(model_dir) if fresh else newest.path  # type: ignore[union-attr]
             if fresh:
-                discard(version_dir)
-            else:
-                plan_path.unlink(missing_ok=True)
-            raise
-        plans[cc] = {**meta, "key": key, "gate": [e.__dict__ for e in gate_errors]}
-        write_metadata(version_dir, {"target": "tensorrt", "base": base, "plans": plans, "onnx_sha256": export.sha256})
-        action = f"version {version_dir.name}" if fresh else f"version {version_dir.name} (+{cc})"
-    _write_warmup_samples(manifest, net, model_dir)
-    spec = tensorrt_model_spec(net, {c: p["plan"] for c, p in plans.items()}, len(profiles))
-    _finish_config(spec, model_dir, action != "unchanged")
-    return NetworkBuild(net.name, action, int(version_dir.name), time.perf_counter() - start)
+                plans = {}
+            plan_path = version_dir / trtp.plan_filename(None if cc == "ampere+" else cc)
+            report(f"{net.name}: building {plan_path.name} ({settings.precision})")
+            calibration = sample_batches(manifest, net) if settings.precision == "int8" else []
+            gate_errors: tuple[OutputError, ...] = ()
+            try:
+                meta = self.builder.build_plan(
+                    export.onnx_path, plan_path, net, settings, timing_cache, calibration, calib_cache
+                )
+                if options.gate:
+                    report(f"{net.name}: accuracy gate")
+                    gate_errors = tuple(
+                        gate(manifest, net, export.onnx_path, lambda feeds: self.builder.run_plan(plan_path, feeds))
+                    )
+                    if not all(e.passed for e in gate_errors):
+                        raise AccuracyError(list(gate_errors))
+            except BaseException:
+                if fresh:
+                    discard(version_dir)
+                else:
+                    plan_path.unlink(missing_ok=True)
+                raise
+            plans[cc] = {**meta, "key": key, "gate": [e.__dict__ for e in gate_errors]}
+            write_metadata(
+                version_dir, {"target": "tensorrt", "base": base, "plans": plans, "onnx_sha256": export.sha256}
+            )
+            action = f"version {version_dir.name}" if fresh else f"version {version_dir.name} (+{cc})"
+        _write_warmup_samples(manifest, net, model_dir)
+        spec = tensorrt_model_spec(net, {c: p["plan"] for c, p in plans.items()}, len(profiles))
+        _finish_config(spec, model_dir, action != "unchanged")
+        return NetworkBuild(net.name, action, int(version_dir.name), time.perf_counter() - start)
+
+
+def target(name: str, plan_builder: PlanBuilder | None = None) -> Target:
+    """The :class:`Target` of a name (``python``, ``onnxruntime``, ``tensorrt``)."""
+    if name == "python":
+        return PythonTarget()
+    if name == "onnxruntime":
+        return OnnxRuntimeTarget()
+    if name == "tensorrt":
+        return TensorRTTarget(plan_builder)
+    raise ValueError(f"unknown target {name!r}: expected one of {', '.join(TARGETS)}")

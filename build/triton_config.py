@@ -13,6 +13,7 @@ from typing import Literal
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from imgpipe.dtypes import dtype
 from imgpipe.manifest import Batching, Instances, Network, TensorSpec
 
 
@@ -97,7 +98,7 @@ def instance_groups(instances: Instances, profiles: int = 0) -> tuple[InstanceGr
 
 
 def _tensor_dtype(name: str) -> int:
-    return mc.DataType.Value(f"TYPE_{'STRING' if name == 'BYTES' else name}")
+    return mc.DataType.Value(dtype(name).config)
 
 
 def to_proto(spec: ModelSpec) -> mc.ModelConfig:

@@ -1,4 +1,4 @@
-"""Clients for the face pipelines."""
+"""Clients for the face pipelines (contracts: :mod:`imgpipe.pipelines.detect_faces`, ``.swap_face``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from imgpipe.clients.triton import TritonClient
+from imgpipe.pipelines import detect_faces as detect_contract
+from imgpipe.pipelines import swap_face as swap_contract
 
-DETECT_MODEL = "detect_faces"
+DETECT_MODEL = detect_contract.CONTRACT.model
+SWAP_MODEL = swap_contract.CONTRACT.model
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,8 @@ def detect_faces(
     thresholds: tuple[float, float, float] | None = None,
 ) -> list[Face]:
     """Faces in ``image``, best first. ``min_face_size`` (pixels) and the three MTCNN stage
-    ``thresholds`` are sent as request parameters; the server's defaults are 20 and (0.6, 0.7, 0.7)."""
+    ``thresholds`` are sent as request parameters; the server's defaults are the contract's
+    (20 and 0.6, 0.7, 0.7)."""
     parameters: dict[str, str | int | float | bool] = {}
     if min_face_size is not None:
         parameters["min_face_size"] = int(min_face_size)
@@ -42,7 +46,7 @@ def detect_faces(
     out = client.infer(
         DETECT_MODEL,
         {"IMAGE": np.array([image], dtype=object)},
-        ["BOXES", "SCORES", "LANDMARKS"],
+        [o.name for o in detect_contract.CONTRACT.outputs],
         parameters=parameters or None,
     )
     faces = []
@@ -50,9 +54,6 @@ def detect_faces(
         landmarks = tuple((float(x), float(y)) for x, y in points)
         faces.append(Face((float(x1), float(y1), float(x2 - x1), float(y2 - y1)), float(score), landmarks))
     return faces
-
-
-SWAP_MODEL = "swap_face"
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def swap_face(
     out = client.infer(
         SWAP_MODEL,
         {"SOURCE": np.array([source], dtype=object), "TARGET": np.array([target], dtype=object)},
-        ["IMAGE", "SWAPPED"],
+        [o.name for o in swap_contract.CONTRACT.outputs],
         parameters={"faces": str(faces), "format": fmt},
     )
     return SwapResult(bytes(out["IMAGE"].reshape(-1)[0]), int(out["SWAPPED"].reshape(-1)[0]))

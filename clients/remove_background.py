@@ -1,12 +1,13 @@
-"""Client for the ``remove_background`` pipeline."""
+"""Client for the ``remove_background`` pipeline (contract: :mod:`imgpipe.pipelines.remove_background`)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from imgpipe.clients.triton import TritonClient, bytes_tensor
+from imgpipe.pipelines.remove_background import CONTRACT
 
-MODEL = "remove_background"
+MODEL = CONTRACT.model
 Mode = Literal["rgba", "mask", "composite"]
 
 
@@ -17,4 +18,5 @@ def remove_background(client: TritonClient, image: bytes, mode: Mode = "rgba", b
     inputs = {"IMAGE": bytes_tensor(image), "MODE": bytes_tensor(mode)}
     if background is not None:
         inputs["BACKGROUND"] = bytes_tensor(background)
-    return bytes(client.infer(MODEL, inputs, ["OUTPUT"])["OUTPUT"].reshape(-1)[0])
+    (output,) = (o.name for o in CONTRACT.outputs)
+    return bytes(client.infer(MODEL, inputs, [output])[output].reshape(-1)[0])

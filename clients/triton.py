@@ -12,9 +12,17 @@ from typing import Any, Literal
 
 import numpy as np
 
+from imgpipe.dtypes import triton_name
+
 Protocol = Literal["grpc", "http"]
 DEFAULT_URLS: dict[str, str] = {"grpc": "localhost:8001", "http": "localhost:8000"}
-_NUMPY_TO_TRITON = {"object": "BYTES", "uint8": "UINT8", "float32": "FP32", "int32": "INT32", "int64": "INT64"}
+
+
+def check_protocol(protocol: str) -> Protocol:
+    """``protocol`` if it is one the clients speak, else a ValueError that names the choices."""
+    if protocol not in DEFAULT_URLS:
+        raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
+    return protocol  # type: ignore[return-value]
 
 
 class InferenceError(RuntimeError):
@@ -32,9 +40,7 @@ class InferenceError(RuntimeError):
 
 class TritonClient:
     def __init__(self, url: str | None = None, protocol: Protocol = "grpc", timeout_s: float = 120.0) -> None:
-        if protocol not in DEFAULT_URLS:
-            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
-        self.protocol = protocol
+        self.protocol = check_protocol(protocol)
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s = timeout_s
         self._local = threading.local()
@@ -84,7 +90,7 @@ class TritonClient:
         module = self._module
         infer_inputs = []
         for name, array in inputs.items():
-            dtype = _NUMPY_TO_TRITON[array.dtype.name]
+            dtype = triton_name(array.dtype)
             tensor = module.InferInput(name, list(array.shape), dtype)
             if self.protocol == "http" and dtype != "BYTES":
                 tensor.set_data_from_numpy(array, binary_data=True)

@@ -6,6 +6,7 @@ nodes): pass tensors that live on the device you want. Decoding and PNG encoding
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,11 +16,11 @@ from PIL import ImageColor
 from torch.nn import functional as F
 
 from imgpipe.errors import InvalidInputError
+from imgpipe.pipelines.remove_background import CONTRACT
 
 INPUT_SIZE = (1024, 1024)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MODES = ("rgba", "mask", "composite")
 
 Mode = Literal["rgba", "mask", "composite"]
 
@@ -34,9 +35,7 @@ class Options:
 
 def parse_options(mode: str | None, background: str | None) -> Options:
     """Validate the request's option strings; unknown values raise :class:`InvalidInputError`."""
-    mode = (mode or "rgba").strip().lower()
-    if mode not in MODES:
-        raise InvalidInputError(f"unsupported MODE {mode!r}: expected one of {', '.join(MODES)}")
+    mode = CONTRACT.input("MODE").choose(mode)
     colour: tuple[int, int, int] = (255, 255, 255)
     if background:
         try:
@@ -56,9 +55,16 @@ def preprocess(rgb: torch.Tensor, size: tuple[int, int] = INPUT_SIZE) -> torch.T
     x = rgb.permute(2, 0, 1).unsqueeze(0).to(torch.float32)
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     x = x.clamp_(0, 255).div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean, std = _imagenet(x.device)
     return ((x - mean) / std)[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _imagenet(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as 1×3×1×1 float32 tensors on ``device``, made once per device."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return mean, std
 
 
 def mask_to_alpha(mask: torch.Tensor, height: int, width: int, activation: str) -> torch.Tensor:

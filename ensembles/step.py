@@ -1,25 +1,85 @@
-"""Shared machinery of imgpipe's Python-backend models.
+"""The runtime of imgpipe's Python-backend models (steps, BLS models, network runners).
 
-``model.py`` adapters in ``model_repository/`` pass in ``triton_python_backend_utils`` (importable only
-inside the Triton stub) and delegate to a :class:`PythonStep`. Every request is answered on its own:
-a caller's mistake (:class:`~imgpipe.errors.InvalidInputError`) becomes an ``INVALID_ARG`` response
-for that request only, anything else an ``INTERNAL`` one, and the other requests of the batch go on.
+One generic adapter (``adapters/model.py``, package data written into the repository by the build)
+imports the step class named by the config parameter ``imgpipe.step`` (``module:Class``) and delegates
+``initialize``/``execute``/``finalize`` to it. ``triton_python_backend_utils`` is passed in, so steps
+import without Triton and are unit-testable.
+
+A step knows its instance's device (``model_instance_kind``/``model_instance_device_id``: a KIND_GPU
+instance works on ``cuda:<id>``, a CPU one, or a GPU one on a machine without CUDA, on ``cpu``). Inputs
+arrive as torch tensors through DLPack; outputs leave the same way (BYTES as numpy object arrays). BLS
+requests send and receive torch tensors through DLPack too, asking Triton for outputs in the step's
+device memory.
+
+Every request is answered on its own: a caller's mistake (:class:`~imgpipe.errors.InvalidInputError`,
+or an ``INVALID_ARG`` from a model called through BLS) becomes an ``INVALID_ARG`` response for that
+request only; anything else is logged with its traceback and answered ``INTERNAL`` with a short line;
+the other requests of the batch go on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import json
+import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from imgpipe.errors import InvalidInputError
 
+Outputs = dict[str, "np.ndarray | torch.Tensor"]
 
-class PythonStep:
+
+class InnerModelError(RuntimeError):
+    """A model called through BLS failed for a reason that is not the caller's."""
+
+
+# Triton 24.x loses the error code of a response that reaches a BLS model: every error arrives as
+# INTERNAL (triton-inference-server/server#7804). So a BLS request carries the parameter BLS_CALLER,
+# and a step answering such a request marks its INVALID_ARG messages with BLS_MARK; the BLS model
+# strips the mark and answers its own caller INVALID_ARG with the same sentence.
+BLS_CALLER = "imgpipe.bls_caller"
+BLS_MARK = "[imgpipe:INVALID_ARG] "
+
+
+def instance_device(args: dict[str, str], log: Any = None) -> torch.device:
+    """The device of this model instance: ``cuda:<id>`` for a KIND_GPU instance where CUDA works."""
+    if args.get("model_instance_kind") == "GPU":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(args.get("model_instance_device_id", "0") or 0))
+        if log is not None:
+            log(f"{args.get('model_name', 'model')}: KIND_GPU instance but CUDA is not available, running on CPU")
+    return torch.device("cpu")
+
+
+def load_step(pb_utils: Any, args: dict[str, str]) -> Step:
+    """The step object the config names (``imgpipe.step`` = ``module:Class``). A plugin's folder
+    (``imgpipe.python_path``, written by the build for manifest plugins) is added to ``sys.path``."""
+    config = json.loads(args["model_config"])
+    parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    for folder in filter(None, parameters.get("imgpipe.python_path", "").split(":")):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    target = parameters.get("imgpipe.step")
+    if not target:
+        raise ValueError(f"{config.get('name')}: the config has no 'imgpipe.step' parameter (module:Class)")
+    module, _, name = target.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(pb_utils, args)
+
+
+class Step:
+    """Base of every Python-backend model's logic. Subclasses implement :meth:`handle` (one request →
+    its outputs) and do their start-up work in :meth:`setup`."""
+
+    #: The pipeline settings dataclass the config's ``imgpipe.settings`` JSON is read into (optional).
+    settings_type: ClassVar[type | None] = None
+
     def __init__(self, pb_utils: Any, args: dict[str, str]) -> None:
         self.pb = pb_utils
         self.config: dict[str, Any] = json.loads(args["model_config"])
@@ -28,11 +88,41 @@ class PythonStep:
             k: v.get("string_value", "") for k, v in self.config.get("parameters", {}).items()
         }
         self.model_dir = f"{args['model_repository']}/{args['model_version']}"
+        self.device = instance_device(args, self.log_warn)
+        self.settings: Any = None
+        if self.settings_type is not None and "imgpipe.settings" in self.parameters:
+            from imgpipe.manifest import from_table
+
+            table = json.loads(self.parameters["imgpipe.settings"])
+            self.settings = from_table(self.settings_type, table, f"{self.name}.settings")
+        self.setup()
 
     # -- to implement ------------------------------------------------------------------------
-    def handle(self, request: Any) -> dict[str, np.ndarray | torch.Tensor]:
+    def setup(self) -> None:
+        """Start-up work (constants on the device, masks, anchor grids, files): once, not per request."""
+
+    def handle(self, request: Any) -> Outputs:
         """Outputs of one request, by name."""
         raise NotImplementedError
+
+    def finalize(self) -> None:
+        """Release what :meth:`setup` took (called when Triton unloads the model)."""
+
+    # -- logging -----------------------------------------------------------------------------
+    def _logger(self) -> Any:
+        return getattr(self.pb, "Logger", None) if hasattr(self, "pb") else None
+
+    def log_warn(self, message: str) -> None:
+        logger = self._logger()
+        if logger is not None:
+            logger.log_warn(message)
+
+    def log_error(self, message: str) -> None:
+        logger = self._logger()
+        if logger is not None:
+            logger.log_error(message)
+        else:  # outside Triton (tests): stderr
+            print(message, file=sys.stderr)
 
     # -- Triton entry point ------------------------------------------------------------------
     def execute(self, requests: Sequence[Any]) -> list[Any]:
@@ -41,35 +131,41 @@ class PythonStep:
             try:
                 responses.append(self.response(self.handle(request)))
             except Exception as exc:  # keep serving: one failed request must not take the batch down
-                responses.append(self.failure(exc))
+                responses.append(self.failure(exc, request))
         return responses
 
-    def failure(self, exc: Exception) -> Any:
-        """The error response for an exception: INVALID_ARG for the caller's mistakes, else INTERNAL."""
+    def failure(self, exc: BaseException, request: Any = None) -> Any:
+        """The error response for an exception: INVALID_ARG for the caller's mistakes; anything else
+        is logged with its traceback on the server and answered INTERNAL with one short line."""
         if isinstance(exc, InvalidInputError):
-            return self.error(str(exc), self.pb.TritonError.INVALID_ARG)
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            mark = BLS_MARK if request is not None and BLS_CALLER in self._raw_parameters(request) else ""
+            return self.error(f"{mark}{exc}", self.pb.TritonError.INVALID_ARG)
+        self.log_error(f"{self.name}: unexpected error\n{''.join(traceback.format_exception(exc))}")
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[0][:300]
         return self.error(f"{self.name} failed: {detail}", self.pb.TritonError.INTERNAL)
 
-    def response(self, outputs: dict[str, np.ndarray | torch.Tensor]) -> Any:
-        tensors = []
-        for name, value in outputs.items():
-            if isinstance(value, torch.Tensor):
-                tensors.append(self.pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous())))
-            else:
-                tensors.append(self.pb.Tensor(name, value))
-        return self.pb.InferenceResponse(output_tensors=tensors)
+    def response(self, outputs: Outputs) -> Any:
+        return self.pb.InferenceResponse(output_tensors=[self.to_triton(k, v) for k, v in outputs.items()])
 
     def error(self, message: str, code: Any) -> Any:
         return self.pb.InferenceResponse(error=self.pb.TritonError(message, code))
 
+    def to_triton(self, name: str, value: np.ndarray | torch.Tensor) -> Any:
+        """A Triton tensor from a torch tensor (DLPack, no copy, on its device) or a numpy array."""
+        if isinstance(value, torch.Tensor) and value.numel() == 0:  # nothing to share; DLPack needs data
+            value = value.cpu().numpy()
+        if isinstance(value, torch.Tensor):
+            return self.pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+        return self.pb.Tensor(name, value)
+
     # -- reading inputs ----------------------------------------------------------------------
     def tensor(self, request: Any, name: str) -> torch.Tensor:
-        """An input as a torch tensor, on the device Triton put it on (no copy through DLPack)."""
+        """An input as a torch tensor on this step's device (DLPack; copied only if Triton put it
+        elsewhere)."""
         t = self.pb.get_input_tensor_by_name(request, name)
         if t is None:
             raise InvalidInputError(f"missing input {name!r}")
-        return torch.utils.dlpack.from_dlpack(t.to_dlpack())
+        return torch.utils.dlpack.from_dlpack(t.to_dlpack()).to(self.device)
 
     def bytes_items(self, request: Any, name: str) -> list[bytes]:
         """A BYTES input of shape [batch, 1] → one bytes object per batch item."""
@@ -84,24 +180,6 @@ class PythonStep:
             raise InvalidInputError(f"input {name!r} must hold exactly one image, got {len(items)}")
         return items[0]
 
-    def request_parameters(self, request: Any) -> dict[str, Any]:
-        """The request's parameters (Triton request parameters, sent by the client)."""
-        raw = request.parameters() if hasattr(request, "parameters") else "{}"
-        return json.loads(raw) if raw else {}
-
-    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
-        """One BLS request to another model of the repository, outputs in ``outputs`` order (on CPU)."""
-        request = self.pb.InferenceRequest(
-            model_name=model,
-            requested_output_names=list(outputs),
-            inputs=[self.pb.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()],
-            preferred_memory=self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_CPU, 0),
-        )
-        response = await request.async_exec()
-        if response.has_error():
-            raise RuntimeError(f"{model}: {response.error().message()}")
-        return [self.pb.get_output_tensor_by_name(response, n).as_numpy() for n in outputs]
-
     def optional_string(self, request: Any, name: str) -> str | None:
         """An optional BYTES input holding one UTF-8 string (the same for every batch item)."""
         t = self.pb.get_input_tensor_by_name(request, name)
@@ -114,3 +192,95 @@ class PythonStep:
             return values.pop().decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidInputError(f"input {name!r} is not UTF-8 text") from None
+
+    @staticmethod
+    def _raw_parameters(request: Any) -> dict[str, Any]:
+        try:
+            raw = request.parameters() if hasattr(request, "parameters") else "{}"
+            return json.loads(raw) if raw else {}
+        except (TypeError, ValueError):
+            return {}
+
+    def request_parameters(self, request: Any) -> dict[str, Any]:
+        """The request's parameters (Triton request parameters, sent by the client)."""
+        parameters = self._raw_parameters(request)
+        parameters.pop(BLS_CALLER, None)
+        return parameters
+
+
+class BlsStep(Step):
+    """A step that calls other models of the repository (BLS), asynchronously: the requests of one
+    ``execute`` call, and the model calls inside each, run concurrently."""
+
+    def setup(self) -> None:
+        # role -> {"model", "inputs", "outputs", "max_batch"}, written by the build from the manifest
+        self.networks: dict[str, dict[str, Any]] = json.loads(self.parameters.get("imgpipe.networks", "{}"))
+
+    async def handle_async(self, request: Any) -> Outputs:
+        raise NotImplementedError
+
+    async def execute(self, requests: Sequence[Any]) -> list[Any]:  # type: ignore[override]
+        async def one(request: Any) -> Any:
+            try:
+                return self.response(await self.handle_async(request))
+            except Exception as exc:
+                return self.failure(exc, request)
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    def _memory(self) -> Any:
+        if self.device.type == "cuda":
+            return self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_GPU, self.device.index or 0)
+        return self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_CPU, 0)
+
+    def from_triton(self, tensor: Any) -> torch.Tensor | np.ndarray:
+        """A Triton tensor as a torch tensor on this step's device (DLPack); BYTES as a numpy array."""
+        if tensor.is_cpu():
+            array = tensor.as_numpy()
+            if array.dtype == object:
+                return array
+        return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).to(self.device)
+
+    async def infer(
+        self, model: str, inputs: dict[str, torch.Tensor | np.ndarray], outputs: Sequence[str]
+    ) -> list[Any]:
+        """One BLS request to another model, outputs in ``outputs`` order as torch tensors on this
+        step's device (BYTES as numpy arrays). An INVALID_ARG from that model is re-raised as the
+        caller's mistake, with its message."""
+        request = self.pb.InferenceRequest(
+            model_name=model,
+            requested_output_names=list(outputs),
+            inputs=[self.to_triton(k, v) for k, v in inputs.items()],
+            preferred_memory=self._memory(),
+            parameters={BLS_CALLER: self.name},
+        )
+        response = await request.async_exec()
+        if response.has_error():
+            error = response.error()
+            message = error.message()
+            code = error.code() if hasattr(error, "code") else None
+            if BLS_MARK in message or code == self.pb.TritonError.INVALID_ARG:
+                raise InvalidInputError(message[message.index(BLS_MARK) + len(BLS_MARK) :] if BLS_MARK in message
+                                        else message)  # fmt: skip
+            raise InnerModelError(f"{model}: {message}")
+        return [self.from_triton(self.pb.get_output_tensor_by_name(response, n)) for n in outputs]
+
+    async def run(self, role: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The network of ``role`` on all items as one batch (split at its max_batch_size, the pieces
+        concurrent); outputs in manifest order, on this step's device."""
+        net = self.networks[role]
+        count = len(inputs[0])
+        if count == 0:
+            return tuple(torch.zeros((0,), device=self.device) for _ in net["outputs"])
+        step = int(net["max_batch"])
+        parts = await asyncio.gather(
+            *(
+                self.infer(
+                    net["model"],
+                    {n: x[i : i + step].contiguous() for n, x in zip(net["inputs"], inputs, strict=True)},
+                    net["outputs"],
+                )
+                for i in range(0, count, step)
+            )
+        )
+        return tuple(torch.cat([p[j] for p in parts]) for j in range(len(net["outputs"])))

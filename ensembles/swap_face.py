@@ -1,14 +1,14 @@
-"""The ``swap_face`` BLS model: detect faces in both images, embed the source face, swap the target's.
+"""The ``swap_face`` BLS model (declared in :mod:`imgpipe.pipelines.swap_face`).
 
-source → MTCNN → its largest face → arcface_112_v2 crop → recognizer → embedding → latent
-``embedding · emap / ‖embedding‖`` (inswapper contract). target → MTCNN → the chosen faces → arcface_128
-crops → swapper, all faces as one batch → paste back with a feathered box mask → encoded image.
-Request parameters: ``faces`` = ``all`` (default) | ``largest`` | a face index (detector order, best
-score first), ``format`` = ``png`` (default) | ``jpeg``.
+source → detector → its largest face → arcface_112_v2 crop → recognizer → embedding → latent
+``embedding · emap / ‖embedding‖`` (inswapper contract). target → detector → the chosen faces →
+arcface_128 crops → swapper, all faces as one batch → paste back with a feathered box mask → encoded
+image. The two detections run concurrently; the maths runs on the instance's device.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -17,85 +17,68 @@ import torch
 
 from imgpipe.ensembles import face_geometry as geo
 from imgpipe.ensembles import mtcnn
-from imgpipe.ensembles.detect_faces import DetectFaces
+from imgpipe.ensembles.detect_faces import DEFAULT_PARAMS, FaceFinder
+from imgpipe.ensembles.step import Outputs
 from imgpipe.errors import InvalidInputError
-from imgpipe.imaging import decode_image, encode_image
+from imgpipe.imaging import encode_image
+from imgpipe.pipelines.swap_face import CONTRACT, EMAP_FILE, Settings
 
-
-def parse_selection(value: object) -> str | int:
-    text = str(value if value is not None else "all").strip().lower()
-    if text in ("all", "largest"):
-        return text
-    try:
-        index = int(text)
-    except ValueError:
-        raise InvalidInputError(f"parameter 'faces' must be all, largest or a face index, got {value!r}") from None
-    if index < 0:
-        raise InvalidInputError(f"parameter 'faces' must be a non-negative index, got {index}")
-    return index
+SWAP_SIZE = 128  # inswapper_128
 
 
 def choose(faces: mtcnn.Faces, selection: str | int) -> list[int]:
-    """Indices of the target faces to swap."""
+    """Indices of the target faces to swap (``selection`` as the contract's ``faces`` parameter parses it)."""
     if len(faces) == 0:
         return []
     if selection == "all":
         return list(range(len(faces)))
     if selection == "largest":
-        areas = (faces.boxes[:, 2] - faces.boxes[:, 0]) * (faces.boxes[:, 3] - faces.boxes[:, 1])
-        return [int(np.argmax(areas))]
+        return [faces.largest()]
     if selection >= len(faces):  # type: ignore[operator]
         raise InvalidInputError(f"parameter 'faces' = {selection}: the target has only {len(faces)} face(s)")
     return [int(selection)]
 
 
-def identity_latent(embedding: np.ndarray, emap: np.ndarray) -> np.ndarray:
-    """The swapper's ``source`` input: (embedding · emap) / ‖embedding‖ (inswapper contract)."""
-    e = embedding.reshape(1, -1).astype(np.float64)
-    return ((e @ emap.astype(np.float64)) / np.linalg.norm(e)).astype(np.float32)
+def identity_latent(embedding: torch.Tensor, emap: torch.Tensor) -> torch.Tensor:
+    """The swapper's ``source`` input, 1×512: (embedding · emap) / ‖embedding‖ (inswapper contract)."""
+    e = embedding.reshape(1, -1).to(torch.float64)
+    return ((e @ emap.to(e.device, torch.float64)) / torch.linalg.vector_norm(e)).to(torch.float32)
 
 
-class SwapFace(DetectFaces):
-    def __init__(self, pb_utils: Any, args: dict[str, str]) -> None:
-        super().__init__(pb_utils, args)
-        self.emap = np.load(Path(self.model_dir) / "emap.npy")
-        self.mask = geo.box_mask(128, float(self.parameters.get("mask_blur", "0.3")))
+class SwapFace(FaceFinder):
+    settings_type = Settings
 
-    async def embed(self, rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-        image = torch.from_numpy(rgb).permute(2, 0, 1).to(torch.float32)
+    def setup(self) -> None:
+        super().setup()
+        self.emap = torch.from_numpy(np.load(Path(self.model_dir) / EMAP_FILE)).to(self.device)
+        self.mask = geo.box_mask(SWAP_SIZE, self.settings.mask_blur, device=self.device)
+
+    async def embed(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """The recognizer's embedding of the face at ``landmarks`` in CHW float ``image``."""
         crop = geo.warp(image, geo.align_matrix(landmarks, "arcface_112_v2", 112), 112)
-        (embedding,) = await self.run("recognizer", (crop / 127.5 - 1.0).unsqueeze(0).numpy())
+        (embedding,) = await self.run("recognizer", (crop / 127.5 - 1.0).unsqueeze(0))
         return embedding[0]
 
-    async def handle_async(self, request: Any) -> dict[str, np.ndarray]:
-        parameters = self.request_parameters(request)
-        unknown = sorted(set(parameters) - {"faces", "format"})
-        if unknown:
-            raise InvalidInputError(f"unknown parameter {unknown[0]!r}: expected faces, format")
-        selection = parse_selection(parameters.get("faces"))
-        fmt = str(parameters.get("format", "png")).lower()
-        if fmt not in ("png", "jpeg"):
-            raise InvalidInputError(f"parameter 'format' must be png or jpeg, got {fmt!r}")
-        source = decode_image(self.single_image(request, "SOURCE"), self.max_pixels)
-        target = decode_image(self.single_image(request, "TARGET"), self.max_pixels)
-        source_faces = await self.detect(source, mtcnn.MtcnnParams())
+    async def handle_async(self, request: Any) -> Outputs:
+        parameters = CONTRACT.parse_parameters(self.request_parameters(request))
+        source = self.image(self.single_image(request, "SOURCE"), self.settings.max_pixels)
+        target = self.image(self.single_image(request, "TARGET"), self.settings.max_pixels)
+        source_faces, target_faces = await asyncio.gather(
+            self.detect(source, DEFAULT_PARAMS), self.detect(target, DEFAULT_PARAMS)
+        )
         if len(source_faces) == 0:
             raise InvalidInputError("no face found in the source image")
-        areas = (source_faces.boxes[:, 2] - source_faces.boxes[:, 0]) * (
-            source_faces.boxes[:, 3] - source_faces.boxes[:, 1]
-        )
-        embedding = await self.embed(source, source_faces.landmarks[int(np.argmax(areas))])
-        latent = identity_latent(embedding, self.emap)
-
-        target_faces = await self.detect(target, mtcnn.MtcnnParams())
-        chosen = choose(target_faces, selection)
-        frame = torch.from_numpy(target).permute(2, 0, 1).to(torch.float32)
+        chosen = choose(target_faces, parameters["faces"])
+        frame = target.permute(2, 0, 1).to(torch.float32)
         if chosen:
-            matrices = [geo.align_matrix(target_faces.landmarks[i], "arcface_128", 128) for i in chosen]
-            crops = torch.stack([geo.warp(frame, m, 128) / 255.0 for m in matrices])
-            (swapped,) = await self.run("swapper", crops.numpy(), np.repeat(latent, len(chosen), axis=0))
-            for face, matrix in zip(torch.from_numpy(swapped), matrices, strict=True):
-                frame = geo.paste_back(frame, face.clamp(0, 1) * 255.0, matrix, self.mask)
-        result = frame.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        encoded = encode_image(result, fmt)
+            face = source.permute(2, 0, 1).to(torch.float32)
+            embedding = await self.embed(face, source_faces.landmarks[source_faces.largest()])
+            latent = identity_latent(embedding, self.emap)
+            matrices = geo.align_matrix(target_faces.landmarks[chosen], "arcface_128", SWAP_SIZE)
+            crops = geo.warp(frame, matrices, SWAP_SIZE) / 255.0
+            (swapped,) = await self.run("swapper", crops, latent.expand(len(chosen), -1))
+            for face_crop, matrix in zip(swapped, matrices, strict=True):
+                frame = geo.paste_back(frame, face_crop.clamp(0, 1) * 255.0, matrix, self.mask)
+        result = frame.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        encoded = encode_image(result, parameters["format"])
         return {"IMAGE": np.array([encoded], dtype=object), "SWAPPED": np.array([len(chosen)], dtype=np.int32)}

@@ -33,6 +33,18 @@ ManifestOpt = Annotated[Path, typer.Option("--manifest", "-m", help="Manifest (T
 RepoOpt = Annotated[Path, typer.Option("--repository", "-r", help="Triton model repository folder.")]
 
 
+def _protocol(value: str) -> str:
+    from imgpipe.clients.triton import check_protocol
+
+    try:
+        return check_protocol(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+ProtocolOpt = Annotated[str, typer.Option(help="grpc or http.", callback=_protocol)]
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
@@ -116,6 +128,65 @@ def build(
     gated = [e for b in built for e in b.gate]
     if gated:
         console.print(_gate_table("accuracy gate", gated))
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the manifest.")] = Path("manifest.toml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write the default manifest (shipped in the package) for editing; `imgpipe build` then uses it."""
+    from imgpipe.paths import PACKAGED_MANIFEST
+
+    if path.exists() and not force:
+        raise _fail(f"{path} exists: pass --force to overwrite it")
+    path.write_text(PACKAGED_MANIFEST.read_text(encoding="utf-8"), encoding="utf-8")
+    console.print(f"wrote {path}: edit it, then `imgpipe build -m {path}`")
+
+
+@app.command()
+def pipelines(
+    manifest: ManifestOpt = DEFAULT_MANIFEST,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Manifest override KEY=VALUE.")] = None,
+) -> None:
+    """The registered pipelines and their contracts: inputs, outputs and request parameters."""
+    from imgpipe.pipelines.registry import registry
+
+    spec = _load(manifest, overrides)
+    for name, pipeline in registry().items():
+        contract = pipeline.contract
+        state = "in the manifest" if name in spec.pipelines else "not in the manifest"
+        table = Table(title=f"{name} ({state}): model {contract.model!r}. {contract.summary}", title_justify="left")
+        for column in ("", "name", "description"):
+            table.add_column(column)
+        for kind, items in (("input", contract.inputs), ("output", contract.outputs)):
+            for item in items:
+                table.add_row(kind, item.name, item.describe(is_input=kind == "input"))
+        for param in contract.parameters:
+            table.add_row("parameter", param.name, param.describe())
+        console.print(table)
+
+
+@app.command("check-trt")
+def check_trt(
+    models: Annotated[list[str] | None, typer.Argument(help="Networks to check (default: all).")] = None,
+    manifest: ManifestOpt = DEFAULT_MANIFEST,
+    precision: Annotated[str, typer.Option(help="Comma-separated precisions to check.")] = "fp32,fp16",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Manifest override KEY=VALUE.")] = None,
+) -> None:
+    """Parse and build every network with TensorRT-RTX (no GPU needed): the exported graphs and the
+    optimization profiles the tensorrt target uses. A check, not a plan build: nothing is run or timed."""
+    from imgpipe.build.trt_check import check_manifest, format_results, tensorrt_rtx_version
+
+    if tensorrt_rtx_version() is None:
+        raise _fail("TensorRT-RTX is not installed: pip install 'imgpipe[trt-check]'")
+    spec = _load(manifest, overrides)
+    with console.status("parsing and building with TensorRT-RTX …"):
+        results = check_manifest(spec, tuple(p.strip() for p in precision.split(",")), networks=models)
+    console.print(format_results(results), highlight=False)
+    failed = [f"{r.network}/{r.precision}" for r in results if not r.ok]
+    if failed:
+        raise _fail(f"TensorRT-RTX rejected: {', '.join(failed)}")
 
 
 @app.command()
@@ -302,14 +373,12 @@ def remove_bg(
     images: Annotated[list[Path], typer.Argument(help="JPEG/PNG/WebP files.", exists=True, dir_okay=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the PNG results.")] = Path("out"),
     url: Annotated[str | None, typer.Option(help="Server address (default localhost:8001 gRPC, :8000 HTTP).")] = None,
-    protocol: Annotated[str, typer.Option(help="grpc or http.")] = "grpc",
+    protocol: ProtocolOpt = "grpc",
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 4,
     mode: Annotated[str, typer.Option(help="rgba (cut-out), mask, or composite.")] = "rgba",
     background: Annotated[str | None, typer.Option(help="Colour for --mode composite, e.g. '#00ff00'.")] = None,
 ) -> None:
     """Remove the background of IMAGES through the server; writes OUTPUT/<name>.png."""
-    if protocol not in ("grpc", "http"):
-        raise _fail(f"--protocol must be grpc or http, got {protocol!r}")
     written, failed = remove_background_files(images, output, url, protocol, concurrency, mode, background)
     for path in sorted(written):
         console.print(f"wrote {path}")
@@ -344,7 +413,7 @@ def detect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the faces as JSON.")] = False,
     draw: Annotated[Path | None, typer.Option(help="Write the image with boxes and landmarks (PNG).")] = None,
     url: Annotated[str | None, typer.Option(help="Server address (default localhost:8001 gRPC, :8000 HTTP).")] = None,
-    protocol: Annotated[str, typer.Option(help="grpc or http.")] = "grpc",
+    protocol: ProtocolOpt = "grpc",
     min_face_size: Annotated[int | None, typer.Option(help="Smallest face to find, in pixels (default 20).")] = None,
     thresholds: Annotated[str | None, typer.Option(help="MTCNN stage thresholds, e.g. 0.6,0.7,0.7.")] = None,
 ) -> None:
@@ -354,8 +423,6 @@ def detect(
     from imgpipe.clients.faces import detect_faces
     from imgpipe.clients.triton import InferenceError, TritonClient
 
-    if protocol not in ("grpc", "http"):
-        raise _fail(f"--protocol must be grpc or http, got {protocol!r}")
     stages = None
     if thresholds:
         try:
@@ -393,14 +460,12 @@ def swap(
     output: Annotated[Path, typer.Option("--output", "-o", help="Result file (.png or .jpg).")] = Path("swapped.png"),
     faces: Annotated[str, typer.Option(help="all, largest, or a face index (best score first).")] = "all",
     url: Annotated[str | None, typer.Option(help="Server address (default localhost:8001 gRPC, :8000 HTTP).")] = None,
-    protocol: Annotated[str, typer.Option(help="grpc or http.")] = "grpc",
+    protocol: ProtocolOpt = "grpc",
 ) -> None:
     """Replace the faces of TARGET with the face of SOURCE; writes OUTPUT (same size as TARGET)."""
     from imgpipe.clients.faces import swap_face
     from imgpipe.clients.triton import InferenceError, TritonClient
 
-    if protocol not in ("grpc", "http"):
-        raise _fail(f"--protocol must be grpc or http, got {protocol!r}")
     fmt = "jpeg" if output.suffix.lower() in (".jpg", ".jpeg") else "png"
     try:
         with TritonClient(url, protocol) as client:  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from imgpipe.dtypes import DTYPES
 from imgpipe.paths import DEFAULT_MANIFEST
 
 if sys.version_info >= (3, 11):
@@ -23,17 +24,6 @@ if sys.version_info >= (3, 11):
 else:  # the NGC tritonserver images run Python 3.10
     import tomli as tomllib
 
-# Triton's tensor type names (without the TYPE_ prefix) and their numpy equivalents.
-DTYPES: dict[str, str] = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "INT8": "int8",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "BYTES": "object",
-}
 
 
 class ManifestError(ValueError):
@@ -224,53 +214,15 @@ class Network:
 
 
 @dataclass(frozen=True)
-class RemoveBackground:
-    """Settings of the ``remove_background`` pipeline."""
-
-    segmenter: str = "segmenter"
-    max_pixels: int = 40_000_000
-    max_batch_size: int = 8
-    instances: int = 1
-
-
-@dataclass(frozen=True)
-class DetectFaces:
-    """Settings of the ``detect_faces`` pipeline: the MTCNN cascade (``pnet``/``rnet``/``onet``), or one
-    network of a user ONNX file decoded as SCRFD/RetinaFace or YuNet (``network``, ``input_size``)."""
-
-    detector: Literal["mtcnn", "scrfd", "yunet"] = "mtcnn"
-    network: str = ""
-    input_size: int = 640
-    pnet: str = "pnet"
-    rnet: str = "rnet"
-    onet: str = "onet"
-    max_pixels: int = 40_000_000
-    instances: int = 1
-
-
-@dataclass(frozen=True)
-class SwapFace:
-    """Settings of the ``swap_face`` pipeline (it detects faces with the ``detect_faces`` networks)."""
-
-    recognizer: str = "recognizer"
-    swapper: str = "swapper"
-    max_pixels: int = 40_000_000
-    instances: int = 1
-    mask_blur: float = 0.3  # feathering of the paste-back box mask, as a fraction of the crop width
-
-
-@dataclass(frozen=True)
-class Pipelines:
-    remove_background: RemoveBackground = field(default_factory=RemoveBackground)
-    detect_faces: DetectFaces | None = None
-    swap_face: SwapFace | None = None
-
-
-@dataclass(frozen=True)
 class Manifest:
+    """Networks by name; pipelines' settings by pipeline name (each pipeline's own dataclass, see
+    :mod:`imgpipe.pipelines`); the plugins that registered extra pipelines, and their folders."""
+
     networks: dict[str, Network]
-    pipelines: Pipelines
+    pipelines: dict[str, Any]
     path: Path | None = None
+    plugins: tuple[str, ...] = ()
+    plugin_paths: tuple[Path, ...] = ()
 
     def network(self, name: str) -> Network:
         try:
@@ -352,10 +304,35 @@ def _build(cls: type[T], table: dict[str, Any], key: str, **given: Any) -> T:
         raise ManifestError(f"{key}.{exc}") from None
 
 
+def from_table(cls: type[T], table: dict[str, Any], key: str) -> T:
+    """Build the dataclass ``cls`` from a TOML/JSON table with the manifest's strict checks."""
+    return _build(cls, table, key)
+
+
+def _load_plugins(data: dict[str, Any], base: Path) -> tuple[tuple[str, ...], tuple[Path, ...]]:
+    from imgpipe.pipelines.registry import load_plugin
+
+    plugins = data.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ManifestError(f"plugins: expected a list of module names or .py files, got {plugins!r}")
+    folders = []
+    for entry in plugins:
+        try:
+            folder = load_plugin(entry, base)
+        except (ImportError, OSError) as exc:
+            raise ManifestError(f"plugins: cannot load {entry!r}: {exc}") from None
+        if folder is not None:
+            folders.append(folder)
+    return tuple(plugins), tuple(folders)
+
+
 def parse_manifest(data: dict[str, Any], path: Path | None = None) -> Manifest:
-    unknown = sorted(set(data) - {"networks", "pipelines"})
+    from imgpipe.pipelines.registry import registry
+
+    unknown = sorted(set(data) - {"networks", "pipelines", "plugins"})
     if unknown:
-        raise ManifestError(f"{unknown[0]}: unknown top-level table (expected networks, pipelines)")
+        raise ManifestError(f"{unknown[0]}: unknown top-level table (expected networks, pipelines, plugins)")
+    plugins, plugin_paths = _load_plugins(data, path.parent if path else Path.cwd())
     networks_table = data.get("networks")
     if not isinstance(networks_table, dict) or not networks_table:
         raise ManifestError("networks: at least one network is required")
@@ -364,11 +341,27 @@ def parse_manifest(data: dict[str, Any], path: Path | None = None) -> Manifest:
         if not isinstance(table, dict):
             raise ManifestError(f"networks.{name}: expected a table")
         networks[name] = _build(Network, table, f"networks.{name}", name=name)
-    pipelines = _convert(data.get("pipelines", {}), Pipelines, "pipelines")
-    manifest = Manifest(networks=networks, pipelines=pipelines, path=path)
-    segmenter = pipelines.remove_background.segmenter
-    if segmenter not in networks:
-        raise ManifestError(f"pipelines.remove_background.segmenter: {segmenter!r} is not a network in this manifest")
+    known = registry()
+    pipelines_table = data.get("pipelines", {})
+    if not isinstance(pipelines_table, dict):
+        raise ManifestError("pipelines: expected a table of pipeline tables")
+    pipelines: dict[str, Any] = {}
+    for name, table in pipelines_table.items():
+        if name not in known:
+            raise ManifestError(f"pipelines.{name}: unknown pipeline (have: {', '.join(sorted(known))})")
+        if not isinstance(table, dict):
+            raise ManifestError(f"pipelines.{name}: expected a table")
+        pipelines[name] = _build(known[name].settings, table, f"pipelines.{name}")
+    manifest = Manifest(networks, pipelines, path, plugins, plugin_paths)
+    for name, settings in pipelines.items():
+        pipeline = known[name]
+        for needed in pipeline.requires:
+            if needed not in pipelines:
+                raise ManifestError(f"pipelines.{name}: needs a [pipelines.{needed}] table as well")
+        for key, network in pipeline.networks(settings).items():
+            if network not in networks:
+                raise ManifestError(f"pipelines.{name}.{key}: {network!r} is not a network in this manifest")
+        pipeline.validate(manifest, settings)
     return manifest
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -142,11 +143,26 @@ def test_repository_configs_parse_and_follow_the_manifest(repository: Path, test
     assert ens.max_batch_size <= min(configs[name].max_batch_size for name in steps)
     assert {i.name: i.optional for i in ens.input} == {"IMAGE": False, "MODE": True, "BACKGROUND": True}
     pre = configs["bg_preprocess"]
-    assert pre.parameters["max_pixels"].string_value == str(test_manifest.pipelines.remove_background.max_pixels)
+    settings = json.loads(pre.parameters["imgpipe.settings"].string_value)
+    assert settings["max_pixels"] == test_manifest.pipelines["remove_background"].max_pixels
+    assert pre.parameters["imgpipe.step"].string_value == "imgpipe.ensembles.remove_background:Preprocess"
     assert configs["bg_postprocess"].parameters["mask_activation"].string_value == "sigmoid"
+    assert seg.parameters["imgpipe.step"].string_value == "imgpipe.ensembles.network:NetworkStep"
+    assert seg.parameters["imgpipe.runner"].string_value == "onnxruntime"
     assert (repository / "segmenter" / "1" / "model.onnx").is_file()
-    assert (repository / "bg_preprocess" / "1" / "model.py").is_file()
+    adapters = {p.read_text() for p in repository.glob("*/*/model.py")}
+    assert len(adapters) == 1  # one generic adapter for every Python-backend model
+    assert {p.parts[-3] for p in repository.glob("*/*/model.py")} >= {"bg_preprocess", "segmenter", "swap_face"}
     assert (repository / "remove_background" / "1").is_dir()
+    # Every model is build output: each folder says so to git.
+    assert all((d / ".gitignore").read_text().endswith("*\n") for d in repository.iterdir() if d.is_dir())
+    # The public contract is in the configs (a KServe client reading only the config learns it).
+    assert "one of rgba | mask | composite" in ens.parameters["input.MODE"].string_value
+    assert "x1, y1, x2, y2" in configs["detect_faces"].parameters["output.BOXES"].string_value
+    assert "left eye" in configs["detect_faces"].parameters["output.LANDMARKS"].string_value
+    assert "all | largest | an index" in configs["swap_face"].parameters["request_parameter.faces"].string_value
+    assert "png | jpeg" in configs["swap_face"].parameters["request_parameter.format"].string_value
+    assert "default 20" in configs["detect_faces"].parameters["request_parameter.min_face_size"].string_value
 
 
 def test_second_build_changes_nothing(repository: Path, test_manifest: Manifest) -> None:

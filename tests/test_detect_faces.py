@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 from PIL import Image
 
 from imgpipe.clients.faces import detect_faces
@@ -32,15 +34,16 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 
 
 @pytest.fixture(scope="module")
-def run() -> mtcnn.Run:
+def run() -> mtcnn.SyncRun:
+    """The three nets through ONNX Runtime on the CPU, tensors in and out (inputs from any device)."""
     sessions = {
         n: ort.InferenceSession(str(MTCNN_DIR / f"{n}.onnx"), providers=["CPUExecutionProvider"])
         for n in ("pnet", "rnet", "onet")
     }
 
-    def call(role: str, x: np.ndarray) -> tuple[np.ndarray, ...]:
+    def call(role: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         session = sessions[role]
-        return tuple(session.run(None, {session.get_inputs()[0].name: x}))
+        return tuple(torch.from_numpy(o) for o in session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()}))
 
     return call
 
@@ -62,30 +65,80 @@ def _rgb(name: str) -> np.ndarray:
     return np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array
 
 
-def test_cascade_finds_the_astronaut_like_the_reference(run: mtcnn.Run, reference: dict) -> None:
-    faces = mtcnn.detect(_rgb("astronaut"), mtcnn.MtcnnParams(), run)
+def test_cascade_finds_the_astronaut_like_the_reference(run: mtcnn.SyncRun, reference: dict) -> None:
+    faces = mtcnn.detect_sync(_rgb("astronaut"), mtcnn.MtcnnParams(), run)
     assert len(faces) == 1 and faces.scores[0] > 0.99
-    x1, y1, x2, y2 = faces.boxes[0]
+    assert faces.boxes.dtype == faces.scores.dtype == faces.landmarks.dtype == torch.float32
+    x1, y1, x2, y2 = faces.boxes[0].tolist()
     assert iou((x1, y1, x2 - x1, y2 - y1), ASTRONAUT_BOX) >= 0.8
     (ref,) = reference["astronaut"]
     ref_points = np.array([ref["keypoints"][k] for k in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")])
-    assert np.abs(faces.landmarks[0] - ref_points).max() <= 5.0
+    assert np.abs(faces.landmarks[0].numpy() - ref_points).max() <= 5.0
     assert iou((x1, y1, x2 - x1, y2 - y1), tuple(ref["box"])) >= 0.9
 
 
-def test_cascade_agrees_with_the_reference_on_other_images(run: mtcnn.Run, reference: dict) -> None:
-    assert len(mtcnn.detect(_rgb("coffee"), mtcnn.MtcnnParams(), run)) == 0 == len(reference["coffee"])
-    camera = mtcnn.detect(_rgb("camera"), mtcnn.MtcnnParams(), run)
+def test_cascade_agrees_with_the_reference_on_other_images(run: mtcnn.SyncRun, reference: dict) -> None:
+    assert len(mtcnn.detect_sync(_rgb("coffee"), mtcnn.MtcnnParams(), run)) == 0 == len(reference["coffee"])
+    camera = mtcnn.detect_sync(torch.from_numpy(_rgb("camera")), mtcnn.MtcnnParams(), run)  # a tensor works too
     assert len(camera) == len(reference["camera"]) == 1
-    x1, y1, x2, y2 = camera.boxes[0]
+    x1, y1, x2, y2 = camera.boxes[0].tolist()
     assert iou((x1, y1, x2 - x1, y2 - y1), tuple(reference["camera"][0]["box"])) >= 0.8
 
 
+def test_the_async_cascade_fans_pnet_out_and_batches_rnet_and_onet(run: mtcnn.SyncRun) -> None:
+    """pnet's levels are all in flight at once; rnet and onet each get every candidate in one call."""
+    rgb = torch.from_numpy(_rgb("astronaut"))
+    params = mtcnn.MtcnnParams(thresholds=(0.6, 0.3, 0.7))  # let several candidates reach onet
+    calls: list[tuple[str, int]] = []
+    in_flight, most = 0, 0
+
+    async def call(role: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        nonlocal in_flight, most
+        calls.append((role, x.shape[0]))
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0)  # let the other levels start before this one finishes
+        in_flight -= 1
+        return run(role, x)
+
+    faces = asyncio.run(mtcnn.detect(rgb, params, call))
+    levels = len(mtcnn.pyramid(*rgb.shape[:2], params))
+    assert [r for r, _ in calls] == ["pnet"] * levels + ["rnet", "onet"]
+    assert most == levels
+    assert calls[-2][1] > calls[-1][1] > 1  # every candidate of the image in one batch
+    assert len(faces) == 1 and faces.device == rgb.device
+
+
+def test_the_cascade_on_a_small_image_finds_nothing_without_calling_a_network() -> None:
+    def run(role: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise AssertionError("no network should run")
+
+    faces = mtcnn.detect_sync(np.zeros((15, 40, 3), np.uint8), mtcnn.MtcnnParams(), run)
+    assert len(faces) == 0 and faces.landmarks.shape == (0, 5, 2)
+
+
 def test_nms_keeps_the_best_of_overlapping_boxes() -> None:
-    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], dtype=float)
-    assert mtcnn.nms(boxes, np.array([0.9, 0.8, 0.7]), 0.5).tolist() == [0, 2]
-    assert mtcnn.nms(boxes, np.array([0.1, 0.8, 0.7]), 0.5).tolist() == [1, 2]
-    assert mtcnn.nms(np.zeros((0, 4)), np.zeros(0), 0.5).size == 0
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], dtype=torch.float64)
+    assert mtcnn.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5).tolist() == [0, 2]
+    assert mtcnn.nms(boxes, torch.tensor([0.1, 0.8, 0.7]), 0.5).tolist() == [1, 2]
+    assert mtcnn.nms(torch.zeros((0, 4)), torch.zeros(0), 0.5).numel() == 0
+
+
+def test_faces_select_largest_and_move() -> None:
+    faces = mtcnn.Faces(
+        torch.tensor([[0, 0, 10, 10], [0, 0, 50, 50], [0, 0, 20, 20]], dtype=torch.float32),
+        torch.tensor([0.99, 0.9, 0.8]),
+        torch.arange(30, dtype=torch.float32).reshape(3, 5, 2),
+    )
+    assert len(faces) == 3 and faces.largest() == 1
+    picked = faces.select([2, 0])
+    assert picked.scores.tolist() == pytest.approx([0.8, 0.99]) and torch.equal(picked.landmarks[1], faces.landmarks[0])
+    assert len(faces.select(torch.tensor([], dtype=torch.int64))) == 0
+    assert faces.to("cpu").boxes.device.type == "cpu"
+    empty = mtcnn.Faces.none()
+    assert len(empty) == 0 and empty.boxes.shape == (0, 4)
+    with pytest.raises(ValueError, match="no faces"):
+        empty.largest()
 
 
 def test_request_parameters_are_validated() -> None:

@@ -18,7 +18,7 @@ def test_default_manifest_loads_with_the_segmenter_contract() -> None:
     assert seg.output().shape == (1, 1024, 1024) and seg.output().activation == "sigmoid"
     assert seg.batching.preferred_batch_sizes == (2, 4)
     assert seg.batching.queue.max_queue_size == 64
-    assert manifest.pipelines.remove_background.segmenter == "segmenter"
+    assert manifest.pipelines["remove_background"].segmenter == "segmenter"
 
 
 def _error(mutate) -> str:  # type: ignore[no-untyped-def]

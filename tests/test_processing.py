@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from imgpipe.ensembles import background
-from imgpipe.ensembles.onnx_runner import OnnxBatchRunner
+from imgpipe.ensembles.runners import OnnxRuntimeRunner
 from imgpipe.errors import InvalidInputError
 from imgpipe.imaging import decode_image, encode_png
 from imgpipe.samples import encode, sample_array
@@ -136,15 +136,21 @@ def _affine_onnx(path: Path, batch: int | str) -> None:
 def test_runner_runs_requests_as_one_batch_and_splits_them_back(tmp_path: Path, batch: int | str) -> None:
     path = tmp_path / "affine.onnx"
     _affine_onnx(path, batch)
-    runner = OnnxBatchRunner(str(path))
+    runner = OnnxRuntimeRunner(str(path))
     calls = []
     original_run = runner.session.run
     runner.session = type(
         "Spy", (), {"run": lambda _s, names, feeds: calls.append(feeds["x"].shape[0]) or original_run(names, feeds)}
     )()
-    requests = [{"x": np.full((n, 3), n, np.float32)} for n in (1, 3, 2)]
+    requests = [{"x": torch.full((n, 3), float(n))} for n in (1, 3, 2)]
     outputs = runner.run(requests)
     assert [o["y"].shape[0] for o in outputs] == [1, 3, 2]
     for n, out in zip((1, 3, 2), outputs, strict=True):
-        np.testing.assert_array_equal(out["y"], np.full((n, 3), 2 * n + 1, np.float32))
+        assert isinstance(out["y"], torch.Tensor) and out["y"].device == runner.device
+        torch.testing.assert_close(out["y"], torch.full((n, 3), 2.0 * n + 1))
     assert calls == ([6] if batch == "N" else [1] * 6)  # one run for a dynamic batch, per item for batch 1
+    # Requests of different shapes (pnet's pyramid levels) run as one batch per shape, answers in order.
+    calls.clear()
+    if batch == "N":
+        mixed = runner.run([{"x": torch.ones(2, 3)}, {"x": torch.ones(1, 3)}])
+        assert [o["y"].shape for o in mixed] == [(2, 3), (1, 3)] and calls == [3]

@@ -148,3 +148,71 @@ def test_plan_builds_loads_and_matches_onnx(test_manifest: Manifest, tmp_path: P
     )
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() < 0.05
+
+
+class FakePlanBuilder:
+    """A :class:`~imgpipe.build.targets.PlanBuilder` for one GPU architecture, without TensorRT: a "plan"
+    is a file naming its architecture, and running it runs the ONNX with ONNX Runtime (or, with
+    ``drift``, returns outputs shifted by that much)."""
+
+    def __init__(self, cc: str, onnx_path: Path, drift: float = 0.0) -> None:
+        self.cc, self.onnx_path, self.drift = cc, onnx_path, drift
+        self.built: list[str] = []
+
+    def tensorrt_version(self) -> str:
+        return "10.7.0"
+
+    def local_gpu(self) -> trtp.Gpu:
+        return trtp.Gpu(f"fake GPU sm{self.cc.replace('.', '')}", self.cc)
+
+    def build_plan(self, onnx_path, plan_path, net, settings, timing_cache, calibration=(), calib_cache=None):  # type: ignore[no-untyped-def]
+        plan_path.write_bytes(f"plan for {self.cc}, {settings.precision}".encode())
+        self.built.append(plan_path.name)
+        return {"plan": plan_path.name, "gpu": self.local_gpu().name, "compute_capability": self.cc}
+
+    def run_plan(self, plan_path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from imgpipe.build.accuracy import onnx_runner
+
+        assert plan_path.read_bytes().startswith(f"plan for {self.cc}".encode())
+        return {k: v + self.drift for k, v in onnx_runner(self.onnx_path)(inputs).items()}
+
+
+def test_plans_of_several_architectures_join_one_version(test_manifest: Manifest, tmp_path: Path) -> None:
+    from imgpipe.build.accuracy import AccuracyError
+    from imgpipe.build.versions import versions
+
+    repo = tmp_path / "repo"
+    onnx = onnx_for(test_manifest, test_manifest.network("segmenter")).onnx_path
+    options = BuildOptions(target="tensorrt")
+
+    def build(cc: str, opts: BuildOptions = options, drift: float = 0.0):  # type: ignore[no-untyped-def]
+        builder = FakePlanBuilder(cc, onnx, drift)
+        (result,) = build_repository(test_manifest, repo, opts, models=["segmenter"], plan_builder=builder)
+        return result, builder
+
+    a100, _ = build("8.0")
+    h100, _ = build("9.0")  # a node of another architecture adds its plan to the same version
+    again, builder = build("9.0")
+    assert (a100.action, h100.action, again.action) == ("version 1", "version 1 (+9.0)", "unchanged")
+    assert builder.built == []
+    config = to_proto_of(repo)
+    assert dict(config.cc_model_filenames) == {"8.0": "model_sm80.plan", "9.0": "model_sm90.plan"}
+    assert config.platform == "tensorrt_plan"
+    (version,) = versions(repo / "segmenter")
+    assert set(version.metadata["plans"]) == {"8.0", "9.0"}
+    assert all(p["gate"] and all(e["failures"] == [] for e in p["gate"]) for p in version.metadata["plans"].values())
+
+    fp16, _ = build("9.0", BuildOptions(target="tensorrt", precision="fp16"))  # new settings: a new version
+    assert fp16.action == "version 2"
+    assert dict(to_proto_of(repo).cc_model_filenames) == {"9.0": "model_sm90.plan"}
+
+    with pytest.raises(AccuracyError):  # a plan that drifts past the tolerance is discarded
+        build("8.0", BuildOptions(target="tensorrt", precision="fp16"), drift=1.0)
+    assert not (repo / "segmenter" / "2" / "model_sm80.plan").exists()
+    assert [v.number for v in versions(repo / "segmenter")] == [1, 2]
+
+
+def to_proto_of(repo: Path):  # type: ignore[no-untyped-def]
+    from imgpipe.build.triton_config import parse
+
+    return parse((repo / "segmenter" / "config.pbtxt").read_text())

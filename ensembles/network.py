@@ -1,0 +1,48 @@
+"""The network model of the ``python`` target: a Python-backend model around a :class:`Runner`.
+
+All requests of one ``execute`` call (Triton's dynamic batcher gathers them) run as one batch; a
+request with a missing input is answered INVALID_ARG alone and the others go on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from imgpipe.ensembles.runners import RUNNERS, Runner
+from imgpipe.ensembles.step import Step
+from imgpipe.errors import InvalidInputError
+
+
+class NetworkStep(Step):
+    def setup(self) -> None:
+        kind = self.parameters.get("imgpipe.runner", "onnxruntime")
+        cls = RUNNERS[kind]
+        if self.device.type not in cls.devices:
+            self.log_warn(f"{self.name}: the {kind} runner runs on {', '.join(cls.devices)}, not {self.device}:"
+                          " running on CPU")  # fmt: skip
+            self.device = torch.device("cpu")
+        path = f"{self.model_dir}/{self.parameters.get('imgpipe.model_file', 'model.onnx')}"
+        self.runner: Runner = cls(path, self.device)  # type: ignore[call-arg]
+
+    def execute(self, requests: Sequence[Any]) -> list[Any]:
+        feeds, valid, responses = [], [], [None] * len(requests)
+        for index, request in enumerate(requests):
+            try:
+                feeds.append({name: self.tensor(request, name) for name in self.runner.input_names})
+                valid.append(index)
+            except InvalidInputError as exc:
+                responses[index] = self.failure(exc, request)
+        if feeds:
+            try:
+                for index, outputs in zip(valid, self.runner.run(feeds), strict=True):
+                    responses[index] = self.response(outputs)
+            except Exception as exc:
+                for index in valid:
+                    responses[index] = self.failure(exc)
+        return responses
+
+    def finalize(self) -> None:
+        del self.runner

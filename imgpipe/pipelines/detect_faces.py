@@ -1,0 +1,108 @@
+"""``detect_faces``: a BLS model running the MTCNN cascade (pnet/rnet/onet), or one user network
+decoded as SCRFD/RetinaFace or YuNet. The step lives in :mod:`imgpipe.ensembles.detect_faces`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from imgpipe.manifest import Instances, Manifest, ManifestError
+from imgpipe.pipelines.registry import (
+    IO,
+    BuildContext,
+    Contract,
+    Param,
+    Pipeline,
+    network_roles,
+    python_model,
+    register,
+    settings_json,
+)
+
+IMAGE = IO("IMAGE", "BYTES", (1,), "encoded image: JPEG, PNG or WebP bytes, EXIF orientation applied")
+BOXES = IO(
+    "BOXES", "FP32", (-1, 4), "one row per face: x1, y1, x2, y2 in pixels of the EXIF-oriented image, best first"
+)
+SCORES = IO("SCORES", "FP32", (-1,), "face confidence in [0, 1], same order as BOXES")
+LANDMARKS = IO(
+    "LANDMARKS",
+    "FP32",
+    (-1, 5, 2),
+    "five points (x, y) per face in pixels: left eye, right eye, nose, left mouth corner, right mouth corner",
+)
+
+# Request parameters of the detector; swap_face accepts none of them (it uses the defaults).
+DETECTOR_PARAMETERS = (
+    Param("min_face_size", "int", 20, "smallest face to find, in pixels (MTCNN)", low=12, high=10_000),
+    Param("pnet_threshold", "float", 0.6, "MTCNN proposal-stage threshold", low=0.0, high=1.0),
+    Param("rnet_threshold", "float", 0.7, "MTCNN refinement-stage threshold", low=0.0, high=1.0),
+    Param("onet_threshold", "float", 0.7, "MTCNN output-stage threshold", low=0.0, high=1.0),
+    Param("scale_factor", "float", 0.709, "MTCNN image-pyramid scale step", low=0.1, high=0.95),
+    Param("score_threshold", "float", None, "score threshold of SCRFD/YuNet detectors", low=0.0, high=1.0),
+)
+
+CONTRACT = Contract(
+    model="detect_faces",
+    summary="Face detection: one encoded image in, boxes, scores and 5-point landmarks of every face out.",
+    inputs=(IMAGE,),
+    outputs=(BOXES, SCORES, LANDMARKS),
+    parameters=DETECTOR_PARAMETERS,
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """``[pipelines.detect_faces]``: the MTCNN cascade (``pnet``/``rnet``/``onet``), or one network of a
+    user ONNX file decoded as SCRFD/RetinaFace or YuNet (``network``, ``input_size``)."""
+
+    detector: Literal["mtcnn", "scrfd", "yunet"] = "mtcnn"
+    network: str = ""
+    input_size: int = 640
+    pnet: str = "pnet"
+    rnet: str = "rnet"
+    onet: str = "onet"
+    max_pixels: int = 40_000_000
+    instances: Instances = field(default_factory=Instances)
+
+
+def detector_networks(settings: Settings) -> dict[str, str]:
+    """Role → network name of the configured detector (shared with swap_face)."""
+    if settings.detector == "mtcnn":
+        return {"pnet": settings.pnet, "rnet": settings.rnet, "onet": settings.onet}
+    return {"network": settings.network}
+
+
+def detector_roles(settings: Settings) -> dict[str, str]:
+    """The BLS roles of the detector's networks (the single-network detectors' role is "detector")."""
+    return {("detector" if k == "network" else k): v for k, v in detector_networks(settings).items()}
+
+
+@register
+class DetectFaces(Pipeline):
+    name = "detect_faces"
+    settings = Settings
+    contract = CONTRACT
+
+    def networks(self, settings: Settings) -> dict[str, str]:
+        return detector_networks(settings)
+
+    def validate(self, manifest: Manifest, settings: Settings) -> None:
+        if settings.detector != "mtcnn" and not settings.network:
+            raise ManifestError(f"pipelines.detect_faces.network: required when detector = {settings.detector!r}")
+
+    def models(self, ctx: BuildContext, settings: Settings) -> list[Any]:
+        from imgpipe.ensembles.detect_faces import DetectFaces as Step
+
+        return [
+            python_model(
+                CONTRACT.model,
+                Step,
+                settings=settings,
+                inputs=tuple(i.tensor() for i in CONTRACT.inputs),
+                outputs=tuple(o.tensor() for o in CONTRACT.outputs),
+                instances=settings.instances,
+                contract=CONTRACT,
+                networks=network_roles(ctx.manifest, detector_roles(settings)),
+                extra={"imgpipe.detector": settings_json(settings)},
+            )
+        ]
