@@ -24,8 +24,6 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from imgpipe.errors import InvalidInputError
-
 PNET_STRIDE, PNET_CELL = 2, 12
 _NMS_BLOCK_ELEMENTS = 1 << 22  # pairs of boxes whose overlap is computed at once by nms
 # Each network's outputs, in the order the manifest lists them (the shipped ONNX files' names):
@@ -36,48 +34,13 @@ _NMS_BLOCK_ELEMENTS = 1 << 22  # pairs of boxes whose overlap is computed at onc
 
 @dataclass(frozen=True)
 class MtcnnParams:
+    """The cascade's knobs; requests set them through the detect_faces contract's parameters
+    (:mod:`imgpipe.pipelines.detect_faces`, parsed in :func:`imgpipe.ensembles.detect_faces.mtcnn_params`)."""
+
     min_face_size: int = 20
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     scale_factor: float = 0.709
     score_threshold: float | None = None  # single-network detectors (SCRFD, YuNet); None: their default
-
-    @classmethod
-    def from_request(cls, parameters: dict[str, object]) -> MtcnnParams:
-        """Request parameters ``min_face_size``, ``pnet_threshold``, ``rnet_threshold``,
-        ``onet_threshold``, ``scale_factor``; anything else or out of range is the caller's mistake."""
-        known = {
-            "min_face_size",
-            "pnet_threshold",
-            "rnet_threshold",
-            "onet_threshold",
-            "scale_factor",
-            "score_threshold",
-        }
-        unknown = sorted(set(parameters) - known)
-        if unknown:
-            raise InvalidInputError(f"unknown parameter {unknown[0]!r}: expected {', '.join(sorted(known))}")
-        base = cls()
-
-        def number(name: str, default: float, low: float, high: float) -> float:
-            value = parameters.get(name, default)
-            try:
-                number = float(value)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                raise InvalidInputError(f"parameter {name!r} must be a number, got {value!r}") from None
-            if not low <= number <= high or math.isnan(number):
-                raise InvalidInputError(f"parameter {name!r} must be within [{low}, {high}], got {number}")
-            return number
-
-        return cls(
-            min_face_size=int(number("min_face_size", base.min_face_size, 12, 10_000)),
-            thresholds=(
-                number("pnet_threshold", base.thresholds[0], 0.0, 1.0),
-                number("rnet_threshold", base.thresholds[1], 0.0, 1.0),
-                number("onet_threshold", base.thresholds[2], 0.0, 1.0),
-            ),
-            scale_factor=number("scale_factor", base.scale_factor, 0.1, 0.95),
-            score_threshold=number("score_threshold", 0.5, 0.0, 1.0) if "score_threshold" in parameters else None,
-        )
 
 
 # eq=False: the generated __eq__ would compare tensors elementwise and fail on truth testing.

@@ -141,17 +141,15 @@ def test_faces_select_largest_and_move() -> None:
         empty.largest()
 
 
-def test_request_parameters_are_validated() -> None:
-    params = mtcnn.MtcnnParams.from_request({"min_face_size": 40, "onet_threshold": "0.9"})
-    assert params.min_face_size == 40 and params.thresholds == (0.6, 0.7, 0.9)
-    for bad, message in (
-        ({"min_face_size": 3}, "'min_face_size' must be within"),
-        ({"pnet_threshold": 1.5}, "'pnet_threshold' must be within"),
-        ({"rnet_threshold": "high"}, "'rnet_threshold' must be a number"),
-        ({"face_size": 20}, "unknown parameter 'face_size'"),
-    ):
-        with pytest.raises(InvalidInputError, match=message):
-            mtcnn.MtcnnParams.from_request(bad)
+def test_request_parameters_become_cascade_parameters() -> None:
+    from imgpipe.ensembles.detect_faces import DEFAULT_PARAMS, mtcnn_params
+    from imgpipe.pipelines.detect_faces import CONTRACT
+
+    params = mtcnn_params(CONTRACT.parse_parameters({"min_face_size": 40, "onet_threshold": "0.9"}))
+    assert params.min_face_size == 40 and params.thresholds == (0.6, 0.7, 0.9) and params.score_threshold is None
+    assert DEFAULT_PARAMS == mtcnn.MtcnnParams()  # the contract's defaults are the cascade's
+    with pytest.raises(InvalidInputError, match="'min_face_size' must be within"):
+        mtcnn_params(CONTRACT.parse_parameters({"min_face_size": 3}))
 
 
 @pytest.mark.server

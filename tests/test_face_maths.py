@@ -3,6 +3,7 @@ batched paths equal to the per-face ones, and the reference numpy maths they rep
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import math
 from pathlib import Path
@@ -329,3 +330,49 @@ def test_similarity_fit_of_exactly_similar_points_is_exact() -> None:
     torch.testing.assert_close(matrix, expected, rtol=0, atol=1e-10)
     same = geo.similarity_fit(src[:1].expand(5, 2), dst)  # degenerate: all source points equal
     assert torch.isfinite(same).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_cpu_tensor_is_made_while_the_maths_run_on_cuda(run: mtcnn.SyncRun, astronaut: torch.Tensor) -> None:
+    """Every op's result stays on the GPU, except the host reads that slicing and the greedy NMS pass
+    need (``.tolist()``: a copy to the CPU). The caches are warmed first: making them may copy constants."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class CpuResults(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            for value in tree_flatten(out)[0]:
+                if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                    self.ops.add(str(func))
+            return out
+
+    device = torch.device("cuda")
+    image = astronaut.to(device)
+    frame = image.permute(2, 0, 1).float()
+    size = 160
+    cells = [(size // s) ** 2 for s in face_decoders.STRIDES]
+    scrfd = [o.to(device) for o in _constructed_outputs([2 * c for c in cells], [1, 4, 10], seed=1)]
+    geo.template("arcface_128", 128, device)
+    face_decoders.decode_scrfd(scrfd, size, size)
+    mask = geo.box_mask(128, device=device)
+
+    async def gpu_run(role: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.utils._python_dispatch._disable_current_modes():  # the CPU network is not under test
+            return tuple(o.to(device) for o in run(role, x))
+
+    watch = CpuResults()
+    with watch:
+        faces = asyncio.run(mtcnn.detect(image, mtcnn.MtcnnParams(), gpu_run))
+        box = face_decoders.letterbox(image, size, "scrfd")[1]
+        box.to_image(face_decoders.decode_scrfd(scrfd, size, size), *image.shape[:2])
+        matrices = geo.align_matrix(faces.landmarks.expand(3, 5, 2), "arcface_128", 128)
+        crops = geo.warp(frame, matrices, 128)
+        geo.paste_back(frame, crops[0], matrices[0], mask)
+        faces.select([faces.largest()])
+    assert len(faces) == 1
+    assert watch.ops <= {"aten._to_copy.default"}, watch.ops

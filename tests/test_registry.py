@@ -73,15 +73,15 @@ def test_manifest_refuses_unknown_pipelines_missing_networks_and_plugins(tmp_pat
         parse_manifest(data)
     data = manifest_data()
     data["pipelines"]["swap_face"]["swapper"] = "nope"
-    with pytest.raises(ManifestError, match="pipelines.swap_face.swapper: 'nope' is not a network"):
+    with pytest.raises(ManifestError, match=r"pipelines\.swap_face\.swapper: 'nope' is not a network"):
         parse_manifest(data)
     data = manifest_data()
     data["pipelines"]["detect_faces"]["instances"] = {"count": 0}
-    with pytest.raises(ManifestError, match="pipelines.detect_faces.instances.count: must be at least 1"):
+    with pytest.raises(ManifestError, match=r"pipelines\.detect_faces\.instances\.count: must be at least 1"):
         parse_manifest(data)
     data = manifest_data()
     data["plugins"] = ["missing_plugin.py"]
-    with pytest.raises(ManifestError, match="plugins: cannot load 'missing_plugin.py'"):
+    with pytest.raises(ManifestError, match=r"plugins: cannot load 'missing_plugin\.py'"):
         parse_manifest(data, tmp_path / "manifest.toml")
 
 
