@@ -15,6 +15,7 @@ knobs that only touch ``config.pbtxt`` (batching, instances, warmup, ...) rewrit
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -145,8 +146,14 @@ class OnnxTarget(Target):
     def model_spec(self, net: Network, precision: str) -> ModelSpec:
         raise NotImplementedError
 
-    def write_artifacts(self, version_dir: Path) -> None:
+    def write_artifacts(self, net: Network, export: ExportResult, precision: str, version_dir: Path) -> None:
         """Files beside ``model.onnx`` that the target's backend needs."""
+
+    def extra_gates(
+        self, manifest: Manifest, net: Network, export: ExportResult, version_dir: Path, report: Report
+    ) -> tuple[OutputError, ...]:
+        """Further candidates of the same artifact to hold to the tolerance (e.g. another runner)."""
+        return ()
 
     def candidate(self, version_dir: Path, metadata: dict[str, Any]) -> Callable[[dict], dict]:
         return onnx_runner(version_dir / "model.onnx")
@@ -182,11 +189,12 @@ class OnnxTarget(Target):
             try:
                 report(f"{net.name}: writing version {version_dir.name} ({self.name}, {precision})")
                 convert(export.onnx_path, version_dir / "model.onnx", precision, manifest, net)
-                self.write_artifacts(version_dir)
+                self.write_artifacts(net, export, precision, version_dir)
                 if options.gate:
                     report(f"{net.name}: accuracy gate")
                     candidate = self.candidate(version_dir, {})
                     gate_errors = tuple(gate(manifest, net, export.onnx_path, candidate))
+                    gate_errors += self.extra_gates(manifest, net, export, version_dir, report)
                     if not all(e.passed for e in gate_errors):
                         raise AccuracyError(list(gate_errors))
             except BaseException:
@@ -216,28 +224,66 @@ class OnnxTarget(Target):
 
 
 class PythonTarget(OnnxTarget):
-    """The ONNX served by the Python backend: the generic adapter around a runner (ONNX Runtime on
-    CPU instances today; the runner decides which device kinds it supports)."""
+    """The network served by the Python backend: the generic adapter around a runner. CPU instances run
+    ``model.onnx`` with ONNX Runtime; GPU instances run it in PyTorch (:class:`TorchRunner`: the
+    reference architecture rebuilt, or the ONNX interpreted) and, where a GPU instance finds no GPU, fall
+    back to ONNX Runtime with a log line. A manifest ``gpu`` kind is rendered ``KIND_AUTO`` here, so the
+    same repository loads on machines with and without GPUs."""
 
     name = "python"
-    runner = "onnxruntime"
 
     def model_spec(self, net: Network, precision: str) -> ModelSpec:
         from imgpipe.ensembles.network import NetworkStep
-        from imgpipe.ensembles.runners import RUNNERS
         from imgpipe.pipelines.registry import step_name
 
-        kind = net.instances.kind if net.instances.kind in RUNNERS[self.runner].devices else "cpu"
-        instances = Instances(count=net.instances.count, kind=kind, gpus=net.instances.gpus if kind == "gpu" else ())
+        kind = "cpu" if net.instances.kind == "cpu" else "auto"
+        instances = Instances(count=net.instances.count, kind=kind, gpus=net.instances.gpus if kind != "cpu" else ())
+        options = {"cuda_graphs": net.torch.cuda_graphs, "channels_last": net.torch.channels_last,
+                   "buckets": list(net.buckets())}  # fmt: skip
         parameters = {
             "imgpipe.step": step_name(NetworkStep),
-            "imgpipe.runner": self.runner,
+            "imgpipe.runner": "onnxruntime" if kind == "cpu" else "torch",
             "imgpipe.model_file": "model.onnx",
+            "imgpipe.runner_options": json.dumps(options, sort_keys=True),
         }
+        if kind != "cpu":
+            parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"  # GPU tensors from the previous step stay there
         return network_model(net, backend="python", parameters=parameters, instance_groups=instance_groups(instances))
 
-    def write_artifacts(self, version_dir: Path) -> None:
+    def write_artifacts(self, net: Network, export: ExportResult, precision: str, version_dir: Path) -> None:
+        from imgpipe.ensembles.runners import TORCH_SPEC
+
         write_if_changed(version_dir / "model.py", adapter_source())
+        spec: dict[str, Any] = {
+            "precision": precision,
+            "inputs": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in net.inputs],
+            "outputs": [o.name for o in net.outputs],
+        }
+        if net.source.kind == "reference":
+            spec["source"] = {"kind": "reference", "architecture": net.source.architecture,
+                              "width": net.source.width, "seed": net.source.seed}  # fmt: skip
+        else:  # the CUDA runner interprets the FP32 graph and casts it itself
+            spec["source"], spec["onnx"] = {"kind": "onnx"}, "model.onnx" if precision == "fp32" else "source.onnx"
+            if precision != "fp32":
+                write_bytes_if_changed(version_dir / "source.onnx", export.onnx_path.read_bytes())
+        write_if_changed(version_dir / TORCH_SPEC, json.dumps(spec, indent=1, sort_keys=True))
+
+    def extra_gates(
+        self, manifest: Manifest, net: Network, export: ExportResult, version_dir: Path, report: Report
+    ) -> tuple[OutputError, ...]:
+        """The CUDA runner's module against the FP32 reference: on the GPU at the build's precision where
+        one is present, else on the CPU in FP32 (checks the rebuilt or interpreted module itself)."""
+        if net.instances.kind == "cpu":
+            return ()
+        import torch
+
+        from imgpipe.ensembles.runners import TorchRunner
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        report(f"{net.name}: accuracy gate of the CUDA runner's module ({device.type})")
+        runner = TorchRunner.load(version_dir, device, {"channels_last": net.torch.channels_last})
+        errors = gate(manifest, net, export.onnx_path, runner.run_numpy)
+        return tuple(dataclasses.replace(e, output=f"{e.output} (torch, {device.type})") for e in errors)
 
 
 class OnnxRuntimeTarget(OnnxTarget):

@@ -43,7 +43,7 @@ class Warmup:
 @dataclass(frozen=True)
 class InstanceGroup:
     count: int = 1
-    kind: Literal["cpu", "gpu"] = "cpu"
+    kind: Literal["cpu", "gpu", "auto"] = "cpu"
     gpus: tuple[int, ...] = ()
     profiles: tuple[int, ...] = ()  # TensorRT optimization profiles this group's contexts use
 
@@ -91,7 +91,7 @@ class ModelSpec:
 def instance_groups(instances: Instances, profiles: int = 0) -> tuple[InstanceGroup, ...]:
     """The manifest's instances as Triton instance groups; with ``profile_per_instance``, one group of
     one instance per optimization profile."""
-    gpus = instances.gpus if instances.kind == "gpu" else ()
+    gpus = instances.gpus if instances.kind != "cpu" else ()
     if instances.profile_per_instance and profiles:
         return tuple(InstanceGroup(1, instances.kind, gpus, (i,)) for i in range(instances.count))
     return (InstanceGroup(instances.count, instances.kind, gpus),)

@@ -6,12 +6,14 @@ request with a missing input is answered INVALID_ARG alone and the others go on.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from imgpipe.ensembles.runners import RUNNERS, Runner
+from imgpipe.ensembles.runners import RUNNERS, OnnxRuntimeRunner, Runner
 from imgpipe.ensembles.step import Step
 from imgpipe.errors import InvalidInputError
 
@@ -20,12 +22,13 @@ class NetworkStep(Step):
     def setup(self) -> None:
         kind = self.parameters.get("imgpipe.runner", "onnxruntime")
         cls = RUNNERS[kind]
+        options = json.loads(self.parameters.get("imgpipe.runner_options", "{}"))
+        options.setdefault("model_file", self.parameters.get("imgpipe.model_file", "model.onnx"))
         if self.device.type not in cls.devices:
-            self.log_warn(f"{self.name}: the {kind} runner runs on {', '.join(cls.devices)}, not {self.device}:"
-                          " running on CPU")  # fmt: skip
-            self.device = torch.device("cpu")
-        path = f"{self.model_dir}/{self.parameters.get('imgpipe.model_file', 'model.onnx')}"
-        self.runner: Runner = cls(path, self.device)  # type: ignore[call-arg]
+            self.log_warn(f"{self.name}: the {kind} runner needs {' or '.join(cls.devices)}; this instance is on"
+                          f" {self.device.type}: running ONNX Runtime on the CPU instead")  # fmt: skip
+            cls, self.device = OnnxRuntimeRunner, torch.device("cpu")
+        self.runner: Runner = cls.load(Path(self.model_dir), self.device, options)
 
     def execute(self, requests: Sequence[Any]) -> list[Any]:
         feeds, valid, responses = [], [], [None] * len(requests)

@@ -1,10 +1,11 @@
 """The Python-backend steps of the ``remove_background`` ensemble (declared in
 :mod:`imgpipe.pipelines.remove_background`).
 
-``bg_preprocess``: IMAGE bytes (+ MODE, BACKGROUND, validated here so a bad option fails before the
-segmenter runs) → PIXELS for the segmenter, the decoded ORIGINAL (zero-padded to the largest image of
-the request) and its SIZE, on the instance's device. ``bg_postprocess``: MASK + ORIGINAL + SIZE +
-options → an encoded PNG (mask upsampling and compositing on the device, PNG encoding on CPU).
+``bg_preprocess``: IMAGE bytes (+ MODE, BACKGROUND, FORMAT, validated here so a bad option fails before
+the segmenter runs) → PIXELS for the segmenter, the decoded ORIGINAL (zero-padded to the largest image
+of the request) and its SIZE, on the instance's device (JPEGs decoded by nvJPEG on a GPU instance).
+``bg_postprocess``: MASK + ORIGINAL + SIZE + options → the encoded result (mask upsampling and
+compositing on the device; PNG/WebP/JPEG encoding on the CPU with the pipeline's encoder settings).
 """
 
 from __future__ import annotations
@@ -16,8 +17,16 @@ import torch
 
 from imgpipe.ensembles import background
 from imgpipe.ensembles.step import Outputs, Step
-from imgpipe.imaging import decode_image, encode_png
+from imgpipe.imaging import decode_images, encode_image
 from imgpipe.pipelines.remove_background import MASK, ORIGINAL, PIXELS, SIZE, Settings
+
+
+def _options(step: Step, request: Any) -> background.Options:
+    return background.parse_options(
+        step.optional_string(request, "MODE"),
+        step.optional_string(request, "BACKGROUND"),
+        step.optional_string(request, "FORMAT"),
+    )
 
 
 class Preprocess(Step):
@@ -28,11 +37,8 @@ class Preprocess(Step):
         self.size = (int(height), int(width))
 
     def handle(self, request: Any) -> Outputs:
-        background.parse_options(self.optional_string(request, "MODE"), self.optional_string(request, "BACKGROUND"))
-        images = [
-            torch.from_numpy(decode_image(data, self.settings.max_pixels)).to(self.device)
-            for data in self.bytes_items(request, "IMAGE")
-        ]
+        _options(self, request)  # validated here too, so a bad option fails before the segmenter runs
+        images = decode_images(self.bytes_items(request, "IMAGE"), self.settings.max_pixels, self.device)
         height = max(im.shape[0] for im in images)
         width = max(im.shape[1] for im in images)
         original = torch.zeros((len(images), height, width, 3), dtype=torch.uint8, device=self.device)
@@ -50,9 +56,8 @@ class Postprocess(Step):
         self.activation = self.parameters.get("mask_activation", "sigmoid")
 
     def handle(self, request: Any) -> Outputs:
-        options = background.parse_options(
-            self.optional_string(request, "MODE"), self.optional_string(request, "BACKGROUND")
-        )
+        options = _options(self, request)
+        encoding = background.encoder_options(options, self.settings)
         masks = self.tensor(request, MASK)
         originals = self.tensor(request, ORIGINAL)
         sizes = self.tensor(request, SIZE).cpu().tolist()
@@ -60,5 +65,5 @@ class Postprocess(Step):
         for mask, original, (height, width) in zip(masks, originals, sizes, strict=True):
             rgb = original[:height, :width]
             alpha = background.mask_to_alpha(mask, height, width, self.activation)
-            encoded.append(encode_png(background.compose(rgb, alpha, options)))
+            encoded.append(encode_image(background.compose(rgb, alpha, options), options.format, **encoding))
         return {"OUTPUT": np.array(encoded, dtype=object).reshape(-1, 1)}

@@ -332,9 +332,10 @@ def remove_background_files(
     concurrency: int,
     mode: str,
     background: str | None,
+    fmt: str = "png",
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Send every image, write ``<out_dir>/<stem>.png``; returns (written, [(image, error)])."""
-    from imgpipe.clients.remove_background import remove_background
+    """Send every image, write ``<out_dir>/<stem>.<png|webp|jpg>`` (``fmt``); returns (written, [(image, error)])."""
+    from imgpipe.clients.remove_background import SUFFIXES, remove_background
     from imgpipe.clients.triton import InferenceError, TritonClient
 
     client = TritonClient(url, protocol)  # type: ignore[arg-type]
@@ -343,8 +344,8 @@ def remove_background_files(
     failed: list[tuple[Path, str]] = []
 
     def one(path: Path) -> Path:
-        result = remove_background(client, path.read_bytes(), mode=mode, background=background)  # type: ignore[arg-type]
-        target = out_dir / f"{path.stem}.png"
+        result = remove_background(client, path.read_bytes(), mode=mode, background=background, fmt=fmt)  # type: ignore[arg-type]
+        target = out_dir / f"{path.stem}{SUFFIXES[fmt]}"
         target.write_bytes(result)
         return target
 
@@ -377,9 +378,21 @@ def remove_bg(
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 4,
     mode: Annotated[str, typer.Option(help="rgba (cut-out), mask, or composite.")] = "rgba",
     background: Annotated[str | None, typer.Option(help="Colour for --mode composite, e.g. '#00ff00'.")] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="png, webp (lossless by default: faster and smaller than png) or jpeg (not with --mode rgba).",
+        ),
+    ] = "png",
 ) -> None:
-    """Remove the background of IMAGES through the server; writes OUTPUT/<name>.png."""
-    written, failed = remove_background_files(images, output, url, protocol, concurrency, mode, background)
+    """Remove the background of IMAGES through the server; writes OUTPUT/<name>.png (.webp, .jpg)."""
+    from imgpipe.clients.remove_background import SUFFIXES
+
+    fmt = fmt.strip().lower()
+    if fmt not in SUFFIXES:
+        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(SUFFIXES)}", param_hint="--format")
+    written, failed = remove_background_files(images, output, url, protocol, concurrency, mode, background, fmt)
     for path in sorted(written):
         console.print(f"wrote {path}")
     for path, message in failed:

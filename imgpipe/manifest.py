@@ -25,7 +25,6 @@ else:  # the NGC tritonserver images run Python 3.10
     import tomli as tomllib
 
 
-
 class ManifestError(ValueError):
     """A manifest problem; the message starts with the dotted key at fault."""
 
@@ -110,8 +109,11 @@ class Batching:
 
 @dataclass(frozen=True)
 class Instances:
+    """``kind``: ``cpu``; ``gpu`` (Triton refuses to load it on a machine without a GPU); ``auto`` (Triton
+    places it on the GPUs where there are any, else on the CPU: one repository for both)."""
+
     count: int = 1
-    kind: Literal["cpu", "gpu"] = "cpu"
+    kind: Literal["cpu", "gpu", "auto"] = "cpu"
     gpus: tuple[int, ...] = ()
     # TensorRT: give every instance its own optimization profile (one instance group per profile), so
     # concurrent execution contexts never share one.
@@ -166,6 +168,24 @@ class OnnxRuntime:
 
 
 @dataclass(frozen=True)
+class Torch:
+    """The ``python`` target's CUDA runner (PyTorch on the instance's GPU; CPU instances use ONNX Runtime).
+
+    ``cuda_graphs``: capture one CUDA graph per batch bucket at start-up and replay it (requests are
+    padded to the next bucket); networks with dynamic spatial dimensions run eagerly. ``batch_buckets``:
+    the captured batch sizes, () = powers of two up to ``max_batch_size`` (and it). ``channels_last``:
+    NHWC memory layout for the convolutions (faster for FP16 on tensor cores)."""
+
+    cuda_graphs: bool = False
+    batch_buckets: tuple[int, ...] = ()
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        if any(b < 1 for b in self.batch_buckets):
+            raise ManifestError(f"batch_buckets: must be positive, got {list(self.batch_buckets)}")
+
+
+@dataclass(frozen=True)
 class Serving:
     warmup: Literal["zero", "random", "sample", "none"] = "zero"
     response_cache: bool = False
@@ -192,6 +212,7 @@ class Network:
     calibration: Calibration = field(default_factory=Calibration)
     tensorrt: TensorRT = field(default_factory=TensorRT)
     onnxruntime: OnnxRuntime = field(default_factory=OnnxRuntime)
+    torch: Torch = field(default_factory=Torch)
     serving: Serving = field(default_factory=Serving)
 
     def __post_init__(self) -> None:
@@ -201,6 +222,18 @@ class Network:
             raise ManifestError("outputs: at least one output is required")
         if self.opset < 17:
             raise ManifestError("opset: must be 17 or newer")
+        bad = [b for b in self.torch.batch_buckets if b > self.batching.max_batch_size]
+        if bad:
+            raise ManifestError(
+                f"torch.batch_buckets: {bad} exceed batching.max_batch_size ({self.batching.max_batch_size})"
+            )
+
+    def buckets(self) -> tuple[int, ...]:
+        """The CUDA-graph batch sizes: the manifest's, or powers of two up to max_batch_size (and it)."""
+        if self.torch.batch_buckets:
+            return tuple(sorted(set(self.torch.batch_buckets) | {self.batching.max_batch_size}))
+        top = self.batching.max_batch_size
+        return tuple(sorted({1 << i for i in range(top.bit_length()) if 1 << i <= top} | {top}))
 
     def input(self, index: int = 0) -> TensorSpec:
         return self.inputs[index]

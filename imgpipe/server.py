@@ -54,13 +54,16 @@ class TritonDistribution:
 
     @classmethod
     def find(cls) -> TritonDistribution:
-        try:
-            import pytriton
-        except ImportError as exc:  # pragma: no cover - depends on the install
+        # Located without importing it: pytriton's own __init__ pulls in its client and their needs,
+        # which a server-only install (e.g. the server's files carried to a GPU node) does not have.
+        import importlib.util
+
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:  # pragma: no cover - depends on the install
             raise ServerError(
                 "the local Triton server needs the 'nvidia-pytriton' package: pip install 'imgpipe[local]'"
-            ) from exc
-        root = Path(pytriton.__file__).resolve().parent
+            )
+        root = Path(next(iter(spec.submodule_search_locations))).resolve()
         dist = cls(
             binary=root / "tritonserver" / "bin" / "tritonserver",
             libs=root.parent / "nvidia_pytriton.libs",

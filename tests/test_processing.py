@@ -96,24 +96,175 @@ def test_compose_modes() -> None:
     rgb = torch.full((4, 4, 3), 200, dtype=torch.uint8)
     alpha = torch.tensor([[0, 255, 0, 255]] * 4, dtype=torch.uint8)
     rgba = background.compose(rgb, alpha, background.Options("rgba"))
-    assert rgba.shape == (4, 4, 4) and (rgba[..., 3] == alpha.numpy()).all()
+    assert isinstance(rgba, torch.Tensor) and rgba.device == rgb.device  # on the device up to the encoder
+    assert rgba.shape == (4, 4, 4) and (rgba[..., 3] == alpha).all()
     assert background.compose(rgb, alpha, background.Options("mask")).shape == (4, 4)
     comp = background.compose(rgb, alpha, background.Options("composite", (0, 255, 0)))
-    assert comp[0, 0].tolist() == [0, 255, 0] and comp[0, 1].tolist() == [200, 200, 200]
+    assert comp.dtype == torch.uint8 and comp[0, 0].tolist() == [0, 255, 0] and comp[0, 1].tolist() == [200] * 3
 
 
 def test_options_are_validated() -> None:
-    assert background.parse_options(None, None) == background.Options("rgba", (255, 255, 255))
+    assert background.parse_options(None, None) == background.Options("rgba", (255, 255, 255), "png")
     assert background.parse_options("Composite", "#102030").background == (16, 32, 48)
+    assert background.parse_options("mask", None, " WebP ").format == "webp"
+    assert background.parse_options("composite", None, "jpeg").format == "jpeg"
     with pytest.raises(InvalidInputError, match="unsupported MODE 'blur'"):
         background.parse_options("blur", None)
     with pytest.raises(InvalidInputError, match="unsupported BACKGROUND 'not-a-colour'"):
         background.parse_options("composite", "not-a-colour")
+    with pytest.raises(InvalidInputError, match="unsupported FORMAT 'gif': expected one of png, webp, jpeg"):
+        background.parse_options("rgba", None, "gif")
+    with pytest.raises(InvalidInputError, match="FORMAT jpeg cannot hold the alpha channel of MODE rgba"):
+        background.parse_options(None, None, "jpeg")  # rgba is the default mode
 
 
 def test_encode_png_roundtrip() -> None:
     for array in (ASTRONAUT, ASTRONAUT[..., 0], np.dstack([ASTRONAUT, ASTRONAUT[..., 0]])):
         assert (np.asarray(Image.open(io.BytesIO(encode_png(array)))) == array).all()
+
+
+# -- decode_images: the batch decoder (CPU path here; nvJPEG where CUDA and torchvision exist) --------
+
+JPEG_CASES = {
+    "astronaut": encode(ASTRONAUT, "JPEG"),
+    "coffee": encode(sample_array("coffee"), "JPEG"),
+    "greyscale": encode(sample_array("camera"), "JPEG"),
+}
+
+
+def _progressive_jpeg(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=90, progressive=True)
+    return buffer.getvalue()
+
+
+def _cmyk_jpeg(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).convert("CMYK").save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _oriented(orientation: int) -> bytes:
+    """A wide 60×90 picture with distinct corners, stored with an EXIF orientation tag."""
+    picture = np.zeros((60, 90, 3), np.uint8)
+    picture[:20, :30] = (255, 0, 0)
+    picture[:20, -30:] = (0, 255, 0)
+    picture[-20:, :30] = (0, 0, 255)
+    return encode(picture, "JPEG", exif_orientation=orientation)
+
+
+def test_decode_images_on_the_cpu_is_decode_image_per_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgpipe import imaging
+
+    monkeypatch.setattr(imaging, "_nvjpeg", lambda: pytest.fail("the CPU path must not look for torchvision"))
+    items = [*JPEG_CASES.values(), encode(sample_array("chelsea"), "WEBP"), _oriented(6), _cmyk_jpeg(ASTRONAUT)]
+    got = imaging.decode_images(items, device=torch.device("cpu"))
+    assert len(got) == len(items)
+    for tensor, data in zip(got, items, strict=True):
+        assert tensor.dtype == torch.uint8 and tensor.device.type == "cpu" and tensor.shape[-1] == 3
+        np.testing.assert_array_equal(tensor.numpy(), decode_image(data))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty input"),
+        (b"\xff\xd8 not really a jpeg", "not an image"),
+        (encode(ASTRONAUT, "JPEG")[:3000], "truncated or corrupt JPEG image"),
+    ],
+)
+def test_decode_images_refuses_bad_items_with_decode_image_words(data: bytes, message: str) -> None:
+    from imgpipe.imaging import decode_images
+
+    with pytest.raises(InvalidInputError, match=message):
+        decode_images([encode(ASTRONAUT, "PNG"), data], device="cpu")
+
+
+def test_decode_images_checks_the_pixel_limit() -> None:
+    from imgpipe.imaging import decode_images
+
+    with pytest.raises(InvalidInputError, match=r"image too large: 512x512 = 262144 pixels exceeds the limit of 1000"):
+        decode_images([encode(ASTRONAUT, "JPEG")], max_pixels=100_000, device="cpu")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_matches_pillows_exif_transpose(orientation: int) -> None:
+    from imgpipe.imaging import orient
+
+    stored = np.array(Image.open(io.BytesIO(_oriented(orientation))).convert("RGB"))
+    got = orient(torch.from_numpy(stored), orientation).numpy()
+    np.testing.assert_array_equal(got, decode_image(_oriented(orientation)))
+
+
+def test_which_jpegs_nvjpeg_is_given() -> None:
+    """Header checks raise imgpipe's errors; truncated files, CMYK and other formats are left to Pillow."""
+    from imgpipe.imaging import _nvjpeg_candidate
+
+    assert _nvjpeg_candidate(JPEG_CASES["astronaut"], 10**8) == 1
+    assert _nvjpeg_candidate(JPEG_CASES["greyscale"], 10**8) == 1
+    assert _nvjpeg_candidate(_oriented(6), 10**8) == 6
+    assert _nvjpeg_candidate(_progressive_jpeg(ASTRONAUT), 10**8) == 1
+    assert _nvjpeg_candidate(_cmyk_jpeg(ASTRONAUT), 10**8) == 0
+    assert _nvjpeg_candidate(JPEG_CASES["astronaut"][:3000], 10**8) == 0
+    assert _nvjpeg_candidate(encode(ASTRONAUT, "PNG"), 10**8) == 0
+    with pytest.raises(InvalidInputError, match="image too large: 512x512"):
+        _nvjpeg_candidate(JPEG_CASES["astronaut"], 100_000)
+
+
+def test_a_batch_nvjpeg_refuses_is_retried_item_by_item() -> None:
+    from imgpipe.imaging import _decode_jpegs
+
+    def fake_decode_jpeg(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        if any(t[-1] != 0xD9 for t in tensors):  # "refuses" a file that does not end with the marker
+            raise RuntimeError("nvjpeg: bad file")
+        return [torch.zeros(3, 2, 2, dtype=torch.uint8, device=device) for _ in tensors]
+
+    good = JPEG_CASES["astronaut"]
+    got = _decode_jpegs(fake_decode_jpeg, [good, good + b"\x00junk", good], torch.device("cpu"))
+    assert [g is None for g in got] == [False, True, False]
+
+
+CUDA = torch.cuda.is_available()
+try:
+    import torchvision  # noqa: F401
+
+    TORCHVISION = True
+except ImportError:  # the CPU build of torch here has no torchvision
+    TORCHVISION = False
+
+
+@pytest.mark.skipif(not (CUDA and TORCHVISION), reason="nvJPEG needs a CUDA device and torchvision")
+def test_nvjpeg_matches_pillow_and_keeps_its_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgpipe import imaging
+
+    nvjpeg_items: list[int] = []
+    real = imaging._decode_jpegs
+
+    def spy(decode_jpeg, items, device):  # type: ignore[no-untyped-def]
+        nvjpeg_items.append(len(items))
+        return real(decode_jpeg, items, device)
+
+    monkeypatch.setattr(imaging, "_decode_jpegs", spy)
+    cases = {
+        **JPEG_CASES,
+        "progressive": _progressive_jpeg(ASTRONAUT),
+        "cmyk": _cmyk_jpeg(ASTRONAUT),  # Pillow's
+        "png": encode(sample_array("coffee"), "PNG"),  # Pillow's
+        **{f"exif {n}": _oriented(n) for n in range(1, 9)},
+    }
+    device = torch.device("cuda", 0)
+    got = imaging.decode_images(list(cases.values()), device=device)
+    assert nvjpeg_items == [len(cases) - 2]  # every RGB/greyscale JPEG in one nvJPEG batch
+    for (name, data), tensor in zip(cases.items(), got, strict=True):
+        expected = decode_image(data)
+        assert tensor.device == device and tensor.dtype == torch.uint8, name
+        assert tuple(tensor.shape) == expected.shape, name  # EXIF orientation applied like Pillow
+        error = np.abs(tensor.cpu().numpy().astype(int) - expected)
+        assert error.mean() < 1.0 and np.percentile(error, 99) <= 8, (name, error.mean(), error.max())
+    with pytest.raises(InvalidInputError, match=r"image too large: 512x512 = 262144 pixels exceeds the limit of 1000"):
+        imaging.decode_images([JPEG_CASES["astronaut"]], max_pixels=100_000, device=device)
+    with pytest.raises(InvalidInputError, match="truncated or corrupt JPEG image"):
+        imaging.decode_images([JPEG_CASES["astronaut"][:3000]], device=device)
 
 
 def _affine_onnx(path: Path, batch: int | str) -> None:
