@@ -27,6 +27,9 @@ from imgpipe.manifest import Manifest, Network
 from imgpipe.paths import CACHE_DIR
 
 
+MAX_EXPORT_BATCH = 4096
+
+
 class ExportError(RuntimeError):
     """The network could not be exported or its ONNX does not match the manifest."""
 
@@ -61,7 +64,6 @@ def export_key(net: Network) -> str:
         "inputs": repr(net.inputs),
         "outputs": [(o.name, o.dtype, o.shape) for o in net.outputs],
         "opset": net.opset,
-        "max_batch": net.batching.max_batch_size,
         "architecture_code": inspect.getsource(arch_module) if arch_module else "",
         "exporter": inspect.getsource(export_reference),
         "torch": torch.__version__,
@@ -82,7 +84,8 @@ def export_reference(net: Network, target: Path) -> None:
     examples = tuple(
         torch.zeros(1, *spec.static_shape, dtype=torch_dtype(spec.dtype)) for spec in net.inputs
     )
-    batch = torch.export.Dim("batch", min=1, max=max(2, net.batching.max_batch_size))
+    # The batch dimension is left open (not tied to max_batch_size), so serving knobs never re-export.
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
     dynamic = tuple({0: batch} for _ in net.inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -368,6 +368,10 @@ class ModelTimes:
     computed; a request executed in a batch of 8 is charged the whole batch's compute, so this is latency,
     not cost. Per execution (``execution_ms``): one batch's compute. Per inference (``cost_ms``): the
     model's busy time divided by the items it inferred — its cost per image or face.
+
+    ``failures`` is Triton's count and not the caller's: Triton 2.51 counts a failed ensemble request twice,
+    and a Python-backend model that answers with an error response as a success (server#8521). Count
+    errors on the client (``Point.errors``).
     """
 
     name: str

@@ -570,5 +570,81 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command()
+def bench(
+    pipelines: Annotated[str, typer.Option(help="Comma-separated pipelines, or all.")] = "all",
+    variants: Annotated[str, typer.Option(help="fp16 (tuned), fp32, naive.")] = "fp16,fp32,naive",
+    width: Annotated[int, typer.Option(help="Reference networks' width (64: full cost; 0: the manifest's).")] = 64,
+    concurrency: Annotated[str, typer.Option(help="Concurrency levels to sweep.")] = "1,2,4,8,16,32,64",
+    duration: Annotated[float, typer.Option(help="Seconds measured per level.")] = 8.0,
+    warmup: Annotated[float, typer.Option(help="Seconds of warm-up per level.")] = 2.0,
+    model_seconds: Annotated[float, typer.Option(help="Model-only seconds per batch size.")] = 2.0,
+    step_instances: Annotated[int, typer.Option(help="Python-step instances (0: one per 4 CPU cores).")] = 0,
+    build_only: Annotated[bool, typer.Option("--build-only", help="Only build the variants' repositories.")] = False,
+    manifest: ManifestOpt = DEFAULT_MANIFEST,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for bench.json and the plots.")] = ROOT
+    / "out"
+    / "bench",
+) -> None:
+    """Measure every pipeline served (tuned and naive) against its networks alone, in one run; on a GPU it
+    uses the GPU. Writes OUTPUT/bench.json and OUTPUT/bench_<pipeline>.png."""
+    from imgpipe import benchmark
+    from imgpipe.bench import PIPELINES, VARIANTS, BenchOptions, run
+
+    chosen = PIPELINES if pipelines == "all" else tuple(p.strip() for p in pipelines.split(",") if p.strip())
+    kinds = tuple(v.strip() for v in variants.split(",") if v.strip())
+    if not chosen or set(chosen) - set(PIPELINES):
+        raise _fail(f"--pipelines: choose from {', '.join(PIPELINES)}")
+    if not kinds or set(kinds) - set(VARIANTS):
+        raise _fail(f"--variants: choose from {', '.join(VARIANTS)}")
+    try:
+        levels = tuple(int(c) for c in concurrency.split(","))
+    except ValueError:
+        raise _fail(f"--concurrency must be integers, got {concurrency!r}") from None
+    options = BenchOptions(
+        pipelines=chosen, variants=kinds, width=width or None, concurrencies=levels, duration_s=duration,
+        warmup_s=warmup, model_seconds=model_seconds, step_instances=step_instances, manifest=manifest,
+        output=output, build_only=build_only,
+    )  # fmt: skip
+    result = run(options, report=lambda message: console.print(message, highlight=False))
+    if build_only:
+        return
+    for variant, by_pipeline in result.served.items():
+        for pipeline, points in by_pipeline.items():
+            console.print(benchmark.summary_table(points, f"{pipeline}: {variant}", items="images"))
+    for pipeline, times in result.times.get(kinds[0], {}).items():
+        table = benchmark.stats_table(
+            {k: benchmark.ModelTimes(**v) for k, v in times.items()}, f"{pipeline} ({kinds[0]}): where the time goes"
+        )
+        console.print(table)
+    summary = Table(title=f"imgpipe bench on {result.machine.get('gpu', 'CPU')} ({result.machine.get('cpus')} cores)")
+    for column in ("pipeline", *(f"{v} /s" for v in kinds), "model-only /s", "served/model", "served/naive",
+                   "p99/p50"):  # fmt: skip
+        summary.add_column(column)
+
+    def fmt(value: object, digits: int = 1) -> str:
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    for pipeline in chosen:
+        entry = result.summary.get(pipeline, {})
+        peaks = entry.get("peak", {})
+        summary.add_row(pipeline, *(fmt(peaks.get(v, {}).get("throughput")) for v in kinds),
+                        fmt(entry.get("model_only_per_s")), fmt(entry.get("served_over_model_only"), 2),
+                        fmt(entry.get("served_over_naive"), 2), fmt(entry.get("p99_over_p50_at_peak"), 2))  # fmt: skip
+    console.print(summary)
+    roofline = result.summary.get("remove_background", {}).get("segmenter_roofline")
+    if roofline:
+        console.print(
+            f"segmenter: {roofline['images_per_s']:.0f} images/s × {roofline['gflop_per_image']:.0f} GFLOP ="
+            f" {roofline['tflops']:.0f} TFLOP/s, {roofline['share_of_fp16_peak']:.0%} of the FP16 dense peak"
+        )
+    memory = result.summary.get("gpu_memory")
+    if memory:
+        console.print(
+            f"GPU memory used: FP16 {memory['fp16_bytes'] / 2**30:.1f} GiB,"
+            f" FP32 {memory['fp32_bytes'] / 2**30:.1f} GiB ({memory['fp16_over_fp32']:.0%})"
+        )
+    console.print(f"wrote {output / 'bench.json'} and the plots bench_<pipeline>.png")
+
 if __name__ == "__main__":
     app()

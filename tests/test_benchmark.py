@@ -174,11 +174,15 @@ def test_failing_requests_are_counted_and_stop_the_sweep(server: TritonServer):
     assert point.p50_ms is None and point.p99_ms is None
     assert point.first_error is not None
     assert point.first_error.startswith("InferenceError [StatusCode.INVALID_ARGUMENT]: ")
-    assert "not a JPEG, PNG or WebP image" in point.first_error or "image" in point.first_error.lower()
+    assert point.first_error.endswith("are not a JPEG, PNG or WebP image")
 
     changes = _settled_delta(url, "grpc", before, "remove_background", point.sent)
-    assert changes["remove_background"].fail_count == point.sent
+    # Triton 2.51 counts a failed ensemble request twice in the ensemble's failures (its own and its
+    # step's; server PR #7423 expects 2 per failure too), and the Python-backend step that answered with an
+    # error response as a *success* (server issue #8521). The client's count is the one to trust.
+    assert changes["remove_background"].fail_count in (point.sent, 2 * point.sent)
     assert changes["remove_background"].success_count == 0
+    assert changes["bg_preprocess"].success_count + changes["bg_preprocess"].fail_count == point.sent
     assert changes["segmenter"].inference_count == 0  # refused before the network
 
 
