@@ -36,6 +36,20 @@ class Preprocess(Step):
         height, width = self.parameters.get("input_size", "1024x1024").split("x")
         self.size = (int(height), int(width))
 
+    def warm_up(self) -> None:
+        """nvJPEG and the resize kernels start here, not in the first request (seconds on a GPU)."""
+        super().warm_up()
+        if self.device.type == "cuda":
+            import io
+
+            from PIL import Image
+
+            buffer = io.BytesIO()
+            Image.new("RGB", (64, 48), (120, 80, 40)).save(buffer, format="JPEG")
+            (image,) = decode_images([buffer.getvalue()], self.settings.max_pixels, self.device)
+            background.preprocess(image, self.size)
+            torch.cuda.synchronize(self.device)
+
     def handle(self, request: Any) -> Outputs:
         _options(self, request)  # validated here too, so a bad option fails before the segmenter runs
         images = decode_images(self.bytes_items(request, "IMAGE"), self.settings.max_pixels, self.device)

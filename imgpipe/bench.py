@@ -103,6 +103,9 @@ def variant_manifest(base: dict[str, Any], variant: str, options: BenchOptions, 
             ]
         else:
             sets.append(f"networks.{name}.torch.cuda_graphs={'true' if gpu else 'false'}")
+    if "pnet" in data["networks"] and variant != "naive":
+        # pnet's pyramid levels differ in shape and do not batch: instances run them side by side
+        sets.append(f"networks.pnet.instances.count={max(1, (os.cpu_count() or 4) // 4)}")
     if "segmenter" in data["networks"] and variant != "naive":
         seg = "networks.segmenter.batching"
         sets += [

@@ -141,6 +141,42 @@ def table(results: Sequence[Result], title: str) -> Any:
     return grid
 
 
+def decode_timings(device: str, batch: int = 8, repeats: int = 5, width: int = 1024, height: int = 768) -> Any:
+    """Milliseconds per image to decode a batch of ``batch`` JPEGs (quality 92, the photo): Pillow one
+    by one (:func:`imgpipe.imaging.decode_image`) and :func:`imgpipe.imaging.decode_images` on
+    ``device`` (nvJPEG on a GPU with torchvision), waiting for the device; as a rich table."""
+    import torch
+    from rich.table import Table
+
+    from imgpipe.imaging import decode_image, decode_images
+
+    jpeg = encode_image(bench_images(width, height)["rgba"][..., :3], "jpeg", quality=92)  # the photo
+    items = [jpeg] * batch
+    target = torch.device(device)
+
+    def pillow() -> None:
+        _ = [decode_image(data) for data in items]  # kept, as decode_images keeps its batch: same allocations
+
+    def batched() -> None:
+        decode_images(items, device=target)
+        if target.type == "cuda":
+            torch.cuda.synchronize(target)
+
+    title = f"decode {width}×{height} JPEG ({len(jpeg) // 1000} kB), batches of {batch}, median of {repeats}"
+    grid = Table(title=title)
+    grid.add_column("decoder")
+    grid.add_column("ms per image", justify="right")
+    for label, run in (("Pillow (decode_image)", pillow), (f"decode_images on {device}", batched)):
+        run()  # warm-up: nvJPEG's handle, CUDA context
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        grid.add_row(label, f"{statistics.median(times) * 1000.0 / batch:.2f}")
+    return grid
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from rich.console import Console
 
@@ -148,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="encodes per cell; the median is shown")
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--height", type=int, default=768)
+    parser.add_argument("--decode", metavar="DEVICE", help="also time JPEG decoding: Pillow vs decode_images on DEVICE")
     args = parser.parse_args(argv)
     images = bench_images(args.width, args.height)
     results = measure(images, repeats=args.repeats)
@@ -156,7 +193,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"encode {args.width}×{args.height}, median of {args.repeats}, one thread "
         f"(raw: rgba {raw['rgba'] // 1000} kB, mask {raw['mask'] // 1000} kB, composite {raw['composite'] // 1000} kB)"
     )
-    Console(width=200).print(table(results, title))
+    console = Console(width=200)
+    console.print(table(results, title))
+    if args.decode:
+        console.print(decode_timings(args.decode, repeats=args.repeats, width=args.width, height=args.height))
 
 
 if __name__ == "__main__":

@@ -143,14 +143,14 @@ def test_repository_configs_parse_and_follow_the_manifest(repository: Path, test
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["bg_preprocess", "segmenter", "bg_postprocess"]
     steps = ("segmenter", "bg_preprocess", "bg_postprocess")
     assert ens.max_batch_size <= min(configs[name].max_batch_size for name in steps)
-    assert {i.name: i.optional for i in ens.input} == {"IMAGE": False, "MODE": True, "BACKGROUND": True}
+    assert {i.name: i.optional for i in ens.input} == {"IMAGE": False, "MODE": True, "BACKGROUND": True, "FORMAT": True}
     pre = configs["bg_preprocess"]
     settings = json.loads(pre.parameters["imgpipe.settings"].string_value)
     assert settings["max_pixels"] == test_manifest.pipelines["remove_background"].max_pixels
     assert pre.parameters["imgpipe.step"].string_value == "imgpipe.ensembles.remove_background:Preprocess"
     assert configs["bg_postprocess"].parameters["mask_activation"].string_value == "sigmoid"
     assert seg.parameters["imgpipe.step"].string_value == "imgpipe.ensembles.network:NetworkStep"
-    assert seg.parameters["imgpipe.runner"].string_value == "onnxruntime"
+    assert seg.parameters["imgpipe.runner"].string_value == "torch"  # GPU instances; CPU falls back to ORT
     assert (repository / "segmenter" / "1" / "model.onnx").is_file()
     adapters = {p.read_text() for p in repository.glob("*/*/model.py")}
     assert len(adapters) == 1  # one generic adapter for every Python-backend model

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -100,6 +103,12 @@ BAD_REQUESTS = [
     ("bomb", dict(image=_too_large()), f"exceeds the limit of {TEST_MAX_PIXELS}"),
     ("mode", dict(mode="sepia"), "unsupported MODE 'sepia': expected one of rgba, mask, composite"),
     ("colour", dict(mode="composite", background="#12345"), "unsupported BACKGROUND '#12345'"),
+    ("format", dict(fmt="gif"), "unsupported FORMAT 'gif': expected one of png, webp, jpeg"),
+    (
+        "jpeg rgba",
+        dict(mode="rgba", fmt="jpeg"),
+        "FORMAT jpeg cannot hold the alpha channel of MODE rgba: ask for FORMAT png or webp",
+    ),
 ]
 
 
@@ -143,3 +152,76 @@ def test_concurrent_callers_are_batched_and_bad_requests_do_not_disturb_them(
     stats.close()
     assert inferences - inferences_before == 12
     assert executions - executions_before < 12  # dynamic batching grouped concurrent requests
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "pil_format", "pil_mode"),
+    [
+        ("rgba", "webp", "WEBP", "RGBA"),
+        ("mask", "webp", "WEBP", "RGB"),  # WebP has no greyscale: R = G = B
+        ("composite", "webp", "WEBP", "RGB"),
+        ("mask", "jpeg", "JPEG", "L"),
+        ("composite", "jpeg", "JPEG", "RGB"),
+    ],
+)
+def test_webp_and_jpeg_outputs(
+    client: TritonClient, astronaut_jpeg: bytes, mode: str, fmt: str, pil_format: str, pil_mode: str
+) -> None:
+    """FORMAT changes the encoding, not the picture: lossless WebP (the default) equals the PNG wherever
+    something is visible, JPEG stays close to it."""
+    png = np.asarray(_png(remove_background(client, astronaut_jpeg, mode=mode))).astype(int)  # type: ignore[arg-type]
+    image = Image.open(io.BytesIO(remove_background(client, astronaut_jpeg, mode=mode, fmt=fmt)))  # type: ignore[arg-type]
+    assert (image.format, image.mode, image.size) == (pil_format, pil_mode, (512, 512))
+    pixels = np.asarray(image).astype(int)
+    if mode == "mask" and fmt == "webp":
+        pixels = pixels[..., 0]
+        assert (np.asarray(image)[..., 1:] == pixels[..., None]).all()
+    if fmt == "webp":
+        visible = png[..., 3] > 0 if mode == "rgba" else np.ones(png.shape[:2], bool)
+        np.testing.assert_array_equal(pixels[visible], png[visible])
+    else:
+        assert np.abs(pixels - png).mean() < 3
+
+
+def _segmenter_inferences(server) -> int:  # type: ignore[no-untyped-def]
+    import tritonclient.http as httpclient
+
+    with httpclient.InferenceServerClient(server.http_url) as stats:
+        (entry,) = stats.get_inference_statistics("segmenter")["model_stats"]
+        return int(entry["inference_count"])
+
+
+@pytest.mark.parametrize("fmt", ["gif", "jpeg"])  # unknown, and jpeg with the default MODE rgba
+def test_a_bad_format_is_refused_before_the_segmenter_runs(
+    client: TritonClient, astronaut_jpeg: bytes, server, fmt: str
+) -> None:  # type: ignore[no-untyped-def]
+    before = _segmenter_inferences(server)
+    with pytest.raises(InferenceError) as info:
+        remove_background(client, astronaut_jpeg, fmt=fmt)  # type: ignore[arg-type]
+    assert info.value.is_invalid_argument and "FORMAT" in info.value.message
+    assert _segmenter_inferences(server) == before
+
+
+def test_remove_bg_command_writes_the_chosen_format(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    photo = tmp_path / "astronaut.jpg"
+    photo.write_bytes(encode(sample_array("astronaut"), "JPEG"))
+    command = [sys.executable, "-m", "imgpipe.cli", "remove-bg", str(photo), "--url", server.grpc_url]
+    env = {**os.environ, "COLUMNS": "300"}  # rich wraps error lines at the terminal's width
+    for extra, name, expected in (
+        (["--format", "webp"], "astronaut.webp", ("WEBP", "RGBA")),
+        (["--format", "JPEG", "--mode", "composite"], "astronaut.jpg", ("JPEG", "RGB")),
+    ):
+        out = tmp_path / extra[1].lower()
+        done = subprocess.run([*command, "-o", str(out), *extra], capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        assert [p.name for p in out.iterdir()] == [name]
+        image = Image.open(out / name)
+        assert (image.format, image.mode, image.size) == (*expected, (512, 512))
+    done = subprocess.run(
+        [*command, "-o", str(tmp_path / "x"), "--format", "gif"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 2 and "'gif' is not one of png, webp, jpeg" in done.stderr
+    done = subprocess.run(  # jpeg + rgba: the server's sentence, the command fails
+        [*command, "-o", str(tmp_path / "y"), "--format", "jpeg"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 1 and "FORMAT jpeg cannot hold the alpha channel of MODE rgba" in done.stderr
