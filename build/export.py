@@ -26,7 +26,6 @@ from imgpipe.dtypes import onnx_type, torch_dtype
 from imgpipe.manifest import Manifest, Network
 from imgpipe.paths import CACHE_DIR
 
-
 MAX_EXPORT_BATCH = 4096
 
 

@@ -59,7 +59,7 @@ class Preprocess(Step):
         for i, im in enumerate(images):
             original[i, : im.shape[0], : im.shape[1]] = im
         pixels = torch.stack([background.preprocess(im, self.size) for im in images])
-        sizes = torch.tensor([im.shape[:2] for im in images], dtype=torch.int32, device=self.device)
+        sizes = torch.tensor([im.shape[:2] for im in images], dtype=torch.int32)  # read on the host next
         return {PIXELS: pixels, ORIGINAL: original, SIZE: sizes}
 
 

@@ -20,6 +20,7 @@ the other requests of the batch go on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib
 import json
 import sys
@@ -44,6 +45,7 @@ class InnerModelError(RuntimeError):
 # and a step answering such a request marks its INVALID_ARG messages with BLS_MARK; the BLS model
 # strips the mark and answers its own caller INVALID_ARG with the same sentence.
 BLS_CALLER = "imgpipe.bls_caller"
+KEEP_ALIVE = 16  # responses whose CUDA outputs a step keeps referenced (see Step.response)
 BLS_MARK = "[imgpipe:INVALID_ARG] "
 
 
@@ -88,6 +90,10 @@ class Step:
             k: v.get("string_value", "") for k, v in self.config.get("parameters", {}).items()
         }
         self.model_dir = f"{args['model_repository']}/{args['model_version']}"
+        # CUDA outputs of the last responses: Triton reads them after execute returns, and torch's caching
+        # allocator would hand their memory to the next request if nothing held them (measured on the H100:
+        # garbage sizes and a crashed server under load before this).
+        self._alive: collections.deque[tuple[torch.Tensor, ...]] = collections.deque(maxlen=KEEP_ALIVE)
         self.device = instance_device(args, self.log_warn)
         self.settings: Any = None
         if self.settings_type is not None and "imgpipe.settings" in self.parameters:
@@ -146,9 +152,12 @@ class Step:
         return self.error(f"{self.name} failed: {detail}", self.pb.TritonError.INTERNAL)
 
     def response(self, outputs: Outputs) -> Any:
-        tensors = [self.to_triton(k, v) for k, v in outputs.items()]
-        self.settle(outputs.values())
-        return self.pb.InferenceResponse(output_tensors=tensors)
+        ready = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
+        cuda = tuple(v for v in ready.values() if isinstance(v, torch.Tensor) and v.is_cuda)
+        if cuda:
+            self.settle(cuda)
+            self._alive.append(cuda)
+        return self.pb.InferenceResponse(output_tensors=[self.to_triton(k, v) for k, v in ready.items()])
 
     @staticmethod
     def settle(values: Any) -> None:

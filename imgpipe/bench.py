@@ -296,8 +296,11 @@ def run(options: BenchOptions, report: Report = print) -> Result:
                     progress=lambda m, p=pipeline, v=variant: report(f"{v} {p}: {m}"),
                     metrics_url=server.metrics_url,
                 )
-                after = benchmark.model_stats(server.grpc_url, "grpc")
                 result.served[variant][pipeline] = points
+                if not server.is_running():
+                    report(f"{variant}: tritonserver exited during {pipeline}; log tail:\n{server.log[-3000:]}")
+                    break
+                after = benchmark.model_stats(server.grpc_url, "grpc")
                 spent = benchmark.delta(before, after)
                 result.times[variant][pipeline] = {
                     k: dataclasses.asdict(v) for k, v in benchmark.breakdown(spent).items()
