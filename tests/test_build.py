@@ -68,7 +68,8 @@ def test_export_key_follows_the_manifest(test_manifest: Manifest) -> None:
     reseeded = dataclasses.replace(net, source=dataclasses.replace(net.source, seed=7))
     assert export_key(net) == export_key(net)
     assert export_key(net) != export_key(reseeded)
-    rebatched = dataclasses.replace(net, batching=dataclasses.replace(net.batching, max_batch_size=1, preferred_batch_sizes=()))
+    single = dataclasses.replace(net.batching, max_batch_size=1, preferred_batch_sizes=())
+    rebatched = dataclasses.replace(net, batching=single)
     assert export_key(net) == export_key(rebatched)  # serving knobs never re-export
 
 
