@@ -46,6 +46,11 @@ class InnerModelError(RuntimeError):
 # strips the mark and answers its own caller INVALID_ARG with the same sentence.
 BLS_CALLER = "imgpipe.bls_caller"
 KEEP_ALIVE = 16  # responses whose CUDA outputs a step keeps referenced (see Step.response)
+# BLS traffic in GPU memory (inputs and outputs passed as CUDA tensors between stubs) was measured on
+# the H100 under load: the stubs logged "failed to copy data: invalid argument" while loading GPU
+# buffers, and 3 of ~200 swap_face requests came back with no face found in a photo that has one.
+# Until that is understood, BLS requests travel in host memory (the steps still compute on the GPU).
+BLS_GPU_MEMORY = False
 BLS_MARK = "[imgpipe:INVALID_ARG] "
 
 
@@ -257,7 +262,7 @@ class BlsStep(Step):
         return list(await asyncio.gather(*(one(r) for r in requests)))
 
     def _memory(self) -> Any:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and BLS_GPU_MEMORY:
             return self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_GPU, self.device.index or 0)
         return self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_CPU, 0)
 
@@ -275,6 +280,8 @@ class BlsStep(Step):
         """One BLS request to another model, outputs in ``outputs`` order as torch tensors on this
         step's device (BYTES as numpy arrays). An INVALID_ARG from that model is re-raised as the
         caller's mistake, with its message."""
+        if not BLS_GPU_MEMORY:
+            inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         request = self.pb.InferenceRequest(
             model_name=model,
             requested_output_names=list(outputs),
