@@ -96,7 +96,8 @@ def test_gate_reports_real_fp16_error_and_a_drifting_build_is_discarded(tmp_path
     repo = tmp_path / "repo"
     loose = _manifest(tmp_path)
     (fp16,) = build_repository(loose, repo, BuildOptions(precision="fp16"), models=["segmenter"])
-    (error,) = fp16.gate
+    error, torch_module = fp16.gate  # the ONNX Runtime artifact, then the CUDA runner's module (here on the CPU)
+    assert torch_module.output == "logits (torch, cpu)" and torch_module.passed
     assert error.passed and 0 < error.max_abs < loose.network("segmenter").tolerance.max_abs
     assert error.psnr is not None and 40 < error.psnr < 200
 
