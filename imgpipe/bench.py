@@ -121,6 +121,8 @@ def variant_manifest(base: dict[str, Any], variant: str, options: BenchOptions, 
             sets.append(f'pipelines.{pipeline}.instances={{count = {steps}, kind = "auto"}}')
     if "remove_background" in data["pipelines"]:
         sets.append(f"pipelines.remove_background.max_batch_size={1 if variant == 'naive' else 16}")
+        if variant != "naive":  # the encoder bounds this pipeline: half the cores encode
+            sets.append(f"pipelines.remove_background.encode_instances={max(1, (os.cpu_count() or 2) // 2)}")
     for assignment in sets:
         apply_override(data, assignment)
     return parse_manifest(data, path)

@@ -168,6 +168,16 @@ def test_repository_configs_parse_and_follow_the_manifest(repository: Path, test
     assert "default 20" in configs["detect_faces"].parameters["request_parameter.min_face_size"].string_value
 
 
+def test_encoding_gets_its_own_instance_count(tmp_path: Path) -> None:
+    data = manifest_data()
+    data["pipelines"] = {"remove_background": {**data["pipelines"]["remove_background"], "encode_instances": 3}}
+    repo = tmp_path / "repo"
+    build_repository(parse_manifest(data, tmp_path / "m.toml"), repo, models=["bg_preprocess", "bg_postprocess"])
+    counts = {m: parse((repo / m / "config.pbtxt").read_text()).instance_group[0].count
+              for m in ("bg_preprocess", "bg_postprocess")}  # fmt: skip
+    assert counts == {"bg_preprocess": 1, "bg_postprocess": 3}
+
+
 def test_second_build_changes_nothing(repository: Path, test_manifest: Manifest) -> None:
     before = {p: p.stat().st_mtime_ns for p in repository.rglob("*") if p.is_file()}
     built = build_repository(test_manifest, repository)

@@ -6,6 +6,7 @@ RMBG-2.0 / BiRefNet contract for the segmenter (DESIGN §4). The steps live in
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,8 +81,15 @@ class Settings:
     webp_lossless: bool = True  # for rgba and composite; a mask is always lossless WebP (exact, and as fast)
     webp_quality: int = 90  # lossy WebP only, 1-100
     webp_method: int = 0  # libwebp effort, 0 (fastest) … 6 (smallest), lossless and lossy
+    # Instances of bg_postprocess, where encoding runs on the CPU (0: instances.count). On the H100 the
+    # encoder bounded the served pipeline (docs/benchmarks.md), so it may need more than the other steps.
+    encode_instances: int = 0
 
     def __post_init__(self) -> None:
+        if self.encode_instances < 0:
+            raise ManifestError(
+                f"encode_instances: must be 0 (same as instances.count) or more, got {self.encode_instances}"
+            )
         for key, low, high in (
             ("png_compress_level", 0, 9),
             ("jpeg_quality", 1, 100),
@@ -125,13 +133,14 @@ class RemoveBackground(Pipeline):
             extra={"input_size": f"{height}x{width}"},
             **common,
         )
+        encoders = dataclasses.replace(settings.instances, count=settings.encode_instances or settings.instances.count)
         post = python_model(
             "bg_postprocess",
             Postprocess,
             inputs=(Tensor(MASK, "FP32", seg_out.static_shape), original, size, mode, background, fmt),
             outputs=(output,),
             extra={"mask_activation": seg_out.activation},
-            **common,
+            **{**common, "instances": encoders},
         )
         # The options go to both steps: bg_preprocess validates them (a bad value fails before the network).
         options = {"MODE": "MODE", "BACKGROUND": "BACKGROUND", "FORMAT": "FORMAT"}
