@@ -49,3 +49,4 @@ class NetworkStep(Step):
 
     def finalize(self) -> None:
         del self.runner
+        super().finalize()

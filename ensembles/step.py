@@ -118,7 +118,8 @@ class Step:
         raise NotImplementedError
 
     def finalize(self) -> None:
-        """Release what :meth:`setup` took (called when Triton unloads the model)."""
+        """Release what :meth:`setup` took (called when Triton unloads the model); call super()."""
+        self._alive.clear()
 
     # -- logging -----------------------------------------------------------------------------
     def _logger(self) -> Any:
