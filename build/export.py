@@ -4,7 +4,9 @@ A reference architecture is exported with the dynamo exporter (``onnxscript``) a
 opset with a dynamic batch dimension. The export is keyed by a content hash of everything that can
 change the graph (manifest entry, architecture source, torch and exporter versions), and cached under
 ``.cache/onnx/``; an unchanged network is never exported twice. A user ONNX file is verified against
-its manifest ``sha256`` and checked the same way.
+its manifest ``sha256`` and checked the same way. A TFLite file (``kind = "tflite"``) is verified against
+its ``sha256``, rebuilt as a torch module by :mod:`imgpipe.build.tflite_import` and exported like a
+reference network; its export key holds the file's digest and the importer's source.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import onnx.numpy_helper
@@ -25,6 +28,9 @@ import onnx.numpy_helper
 from imgpipe.dtypes import onnx_type, torch_dtype
 from imgpipe.manifest import Manifest, Network
 from imgpipe.paths import CACHE_DIR
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_EXPORT_BATCH = 4096
 
@@ -50,36 +56,53 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_key(net: Network) -> str:
-    """Content hash of everything that determines the exported graph."""
+def export_key(net: Network, source_sha256: str = "") -> str:
+    """Content hash of everything that determines the exported graph.
+
+    A ``tflite`` network's graph comes from its file and the importer: ``source_sha256`` is the file's
+    digest (required for that kind) and the importer's source code replaces the architecture's."""
     import onnxscript
     import torch
 
-    from imgpipe.build import networks
+    if net.source.kind == "tflite":
+        from imgpipe.build import tflite_import
 
-    arch_module = inspect.getmodule(networks.ARCHITECTURES[net.source.architecture])
+        if not source_sha256:
+            raise ExportError(f"{net.name}: the export key of a TFLite network needs the file's sha256")
+        code = inspect.getsource(tflite_import)
+    else:
+        from imgpipe.build import networks
+
+        arch_module = inspect.getmodule(networks.ARCHITECTURES[net.source.architecture])
+        code = inspect.getsource(arch_module) if arch_module else ""
     parts = {
         "source": repr(net.source),
         "inputs": repr(net.inputs),
         "outputs": [(o.name, o.dtype, o.shape) for o in net.outputs],
         "opset": net.opset,
-        "architecture_code": inspect.getsource(arch_module) if arch_module else "",
+        "architecture_code": code,
         "exporter": inspect.getsource(export_reference),
         "torch": torch.__version__,
         "onnxscript": onnxscript.__version__,
     }
+    if source_sha256:
+        parts["source_sha256"] = source_sha256
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def export_reference(net: Network, target: Path) -> None:
-    """Export ``net``'s reference architecture to ``target`` (dynamic batch, the manifest's opset)."""
+def export_reference(net: Network, target: Path, model: torch.nn.Module | None = None) -> None:
+    """Export ``net``'s reference architecture to ``target`` (dynamic batch, the manifest's opset).
+
+    ``model``: the module to export instead of the reference architecture (a TFLite network's imported
+    module); it takes the manifest's inputs in order, batch first, and returns its outputs in order."""
     import torch
 
     from imgpipe.build.networks import build_reference
 
     # The exporter warns once per torchvision op it cannot register; torchvision is not used here.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    model = build_reference(net.source.architecture, net.source.width, net.source.seed)
+    if model is None:
+        model = build_reference(net.source.architecture, net.source.width, net.source.seed)
     examples = tuple(
         torch.zeros(1, *spec.static_shape, dtype=torch_dtype(spec.dtype)) for spec in net.inputs
     )
@@ -98,6 +121,7 @@ def export_reference(net: Network, target: Path) -> None:
             dynamic_shapes=dynamic,
             verbose=False,
         )
+    _rename_clashing_values(program.model.graph)
     program.save(str(target), external_data=False)
     extras = model.onnx_initializers() if hasattr(model, "onnx_initializers") else {}
     if extras:  # e.g. the swapper's emap, which inswapper-contract consumers read as the last initializer
@@ -105,6 +129,23 @@ def export_reference(net: Network, target: Path) -> None:
         for name, value in extras.items():
             graph.graph.initializer.append(onnx.numpy_helper.from_array(value, name=name))
         onnx.save(graph, str(target))
+
+
+def _rename_clashing_values(graph) -> None:  # type: ignore[no-untyped-def]
+    """Give intermediate values that carry a graph input's or output's name a name of their own.
+
+    The exporter names values after their aten op (``conv2d_21``); a manifest I/O name of the same form
+    (TFLite graphs name their outputs so) would be declared twice and fail ``onnx.checker``'s SSA check."""
+    reserved = {v.name: v for v in [*graph.inputs, *graph.outputs]}
+    taken = {v.name for node in graph for v in node.outputs} | set(reserved)
+    for node in graph:
+        for value in node.outputs:
+            if value.name in reserved and value is not reserved[value.name]:
+                suffix = 1
+                while f"{value.name}_{suffix}" in taken:
+                    suffix += 1
+                value.name = f"{value.name}_{suffix}"
+                taken.add(value.name)
 
 
 def check_onnx(path: Path, net: Network) -> None:
@@ -137,35 +178,58 @@ def check_onnx(path: Path, net: Network) -> None:
                 )
 
 
+def _verified_source_file(manifest: Manifest, net: Network) -> tuple[Path, str]:
+    """The network's source file (``onnx`` or ``tflite`` kind) and its sha256, checked against the manifest."""
+    path = manifest.resolve(net.source.path)
+    if not path.is_file():
+        raise ExportError(f"networks.{net.name}.source.path: {path} does not exist")
+    digest = file_sha256(path)
+    if net.source.sha256 and digest != net.source.sha256:
+        raise ExportError(
+            f"networks.{net.name}.source.sha256: {path.name} has sha256 {digest}, the manifest expects"
+            f" {net.source.sha256}"
+        )
+    return path, digest
+
+
+def _imported_tflite(net: Network, path: Path) -> torch.nn.Module:
+    """The TFLite file as a torch module, its input/output count checked against the manifest."""
+    from imgpipe.build.tflite_import import import_tflite
+
+    module = import_tflite(path)  # TFLiteImportError names an unsupported operator and the file
+    if len(module.input_names) != len(net.inputs) or len(module.output_names) != len(net.outputs):
+        raise ExportError(
+            f"networks.{net.name}: {path.name} has inputs {module.input_names} and outputs"
+            f" {module.output_names} (in this order); the manifest lists {len(net.inputs)} input(s) and"
+            f" {len(net.outputs)} output(s)"
+        )
+    return module
+
+
 def onnx_for(manifest: Manifest, net: Network, cache_dir: Path = CACHE_DIR, force: bool = False) -> ExportResult:
     """The checked ONNX file of ``net``: exported (or reused from the cache) or the user's own file."""
     import time
 
     start = time.perf_counter()
     if net.source.kind == "onnx":
-        path = manifest.resolve(net.source.path)
-        if not path.is_file():
-            raise ExportError(f"networks.{net.name}.source.path: {path} does not exist")
-        digest = file_sha256(path)
-        if net.source.sha256 and digest != net.source.sha256:
-            raise ExportError(
-                f"networks.{net.name}.source.sha256: {path.name} has sha256 {digest}, the manifest expects"
-                f" {net.source.sha256}"
-            )
+        path, digest = _verified_source_file(manifest, net)
         check_onnx(path, net)
         return ExportResult(net.name, path, digest, exported=False, seconds=time.perf_counter() - start)
 
-    key = export_key(net)
+    source_path, source_digest = _verified_source_file(manifest, net) if net.source.kind == "tflite" else (None, "")
+    key = export_key(net, source_digest)
     cached = cache_dir / "onnx" / f"{net.name}-{key[:16]}.onnx"
     exported = False
     if force or not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
+        what = net.source.path if source_path is not None else net.source.architecture
         with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
             staging = Path(tmp) / "model.onnx"
             try:
-                export_reference(net, staging)
+                model = _imported_tflite(net, source_path) if source_path is not None else None
+                export_reference(net, staging, model)
             except Exception as exc:
-                raise ExportError(f"{net.name}: export of {net.source.architecture!r} failed: {exc}") from exc
+                raise ExportError(f"{net.name}: export of {what!r} failed: {exc}") from exc
             check_onnx(staging, net)
             shutil.move(staging, cached)
         exported = True

@@ -63,9 +63,10 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Source:
-    """Where a network comes from: a reference PyTorch architecture or an ONNX file."""
+    """Where a network comes from: a reference PyTorch architecture, an ONNX file, or a TFLite file that
+    ``imgpipe.build.tflite_import`` rebuilds as a torch module and exports like a reference network."""
 
-    kind: Literal["reference", "onnx"]
+    kind: Literal["reference", "onnx", "tflite"]
     architecture: str = ""
     width: int = 0
     seed: int = 0
@@ -75,8 +76,8 @@ class Source:
     def __post_init__(self) -> None:
         if self.kind == "reference" and not self.architecture:
             raise ManifestError("architecture: required when kind = 'reference'")
-        if self.kind == "onnx" and not self.path:
-            raise ManifestError("path: required when kind = 'onnx'")
+        if self.kind in ("onnx", "tflite") and not self.path:
+            raise ManifestError(f"path: required when kind = {self.kind!r}")
         if self.sha256 and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)):
             raise ManifestError("sha256: expected 64 lowercase hex digits")
 
