@@ -248,6 +248,12 @@ class PythonTarget(OnnxTarget):
         }
         if kind != "cpu":
             parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"  # GPU tensors from the previous step stay there
+        # Triton checks fixed dimensions; the step checks dynamic ones against the manifest's min_shape
+        # (max_shape is the TensorRT profile's; here the pipelines' max_pixels bounds the sizes).
+        ranges = {spec.name: {"min": list(spec.min_shape or [1 if d == -1 else d for d in spec.shape])}
+                  for spec in net.inputs if -1 in spec.shape}  # fmt: skip
+        if ranges:
+            parameters["imgpipe.shape_ranges"] = json.dumps(ranges, sort_keys=True)
         return network_model(net, backend="python", parameters=parameters, instance_groups=instance_groups(instances))
 
     def write_artifacts(self, net: Network, export: ExportResult, precision: str, version_dir: Path) -> None:

@@ -29,12 +29,23 @@ class NetworkStep(Step):
                           f" {self.device.type}: running ONNX Runtime on the CPU instead")  # fmt: skip
             cls, self.device = OnnxRuntimeRunner, torch.device("cpu")
         self.runner: Runner = cls.load(Path(self.model_dir), self.device, options)
+        self.ranges: dict[str, dict[str, Any]] = json.loads(self.parameters.get("imgpipe.shape_ranges", "{}"))
+
+    def check(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A dynamic input's shape (without the batch) at least the manifest's min_shape (smaller inputs
+        are the caller's mistake; ONNX Runtime would fail them as an internal error)."""
+        limits = self.ranges.get(name)
+        if limits is not None:
+            shape, low = list(tensor.shape[1:]), limits["min"]
+            if len(shape) != len(low) or any(s < lo for s, lo in zip(shape, low, strict=True)):
+                raise InvalidInputError(f"input {name!r} has shape {shape}: each dimension must be at least {low}")
+        return tensor
 
     def execute(self, requests: Sequence[Any]) -> list[Any]:
         feeds, valid, responses = [], [], [None] * len(requests)
         for index, request in enumerate(requests):
             try:
-                feeds.append({name: self.tensor(request, name) for name in self.runner.input_names})
+                feeds.append({name: self.check(name, self.tensor(request, name)) for name in self.runner.input_names})
                 valid.append(index)
             except InvalidInputError as exc:
                 responses[index] = self.failure(exc, request)

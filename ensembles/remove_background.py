@@ -17,6 +17,7 @@ import torch
 
 from imgpipe.ensembles import background
 from imgpipe.ensembles.step import Outputs, Step
+from imgpipe.errors import InvalidInputError
 from imgpipe.imaging import decode_images, encode_image
 from imgpipe.pipelines.remove_background import MASK, ORIGINAL, PIXELS, SIZE, Settings
 
@@ -75,6 +76,12 @@ class Postprocess(Step):
         masks = self.tensor(request, MASK)
         originals = self.tensor(request, ORIGINAL)
         sizes = self.tensor(request, SIZE).cpu().tolist()
+        if not len(masks) == len(originals) == len(sizes):
+            raise InvalidInputError(f"{MASK}, {ORIGINAL} and {SIZE} must have the same batch size")
+        bound = originals.shape[1:3]
+        for height, width in sizes:  # SIZE says where each image lies in the padded ORIGINAL
+            if not (1 <= height <= bound[0] and 1 <= width <= bound[1]):
+                raise InvalidInputError(f"{SIZE} {[height, width]} lies outside {ORIGINAL} of {list(bound)} pixels")
         encoded = []
         for mask, original, (height, width) in zip(masks, originals, sizes, strict=True):
             rgb = original[:height, :width]

@@ -220,7 +220,8 @@ def model_only(
         version = repo / name / str(served(repo / name)[-1])
         config = parse((repo / name / "config.pbtxt").read_text())
         options = json.loads(config.parameters["imgpipe.runner_options"].string_value)
-        runner = TorchRunner.load(version, device, options) if gpu else OnnxRuntimeRunner.load(version, device, {})
+        on_gpu = gpu and config.parameters["imgpipe.runner"].string_value == "torch"  # the server's choice
+        runner = TorchRunner.load(version, device, options) if on_gpu else OnnxRuntimeRunner.load(version, device, {})
         if -1 in net.input().shape:  # pnet: the bench image's pyramid, level by level
             image = mtcnn.image_tensor(data.face_rgb).to(device)
             levels = mtcnn.pnet_inputs(image, mtcnn.pyramid(*data.face_rgb.shape[:2], mtcnn.MtcnnParams()))
@@ -235,6 +236,7 @@ def model_only(
             per_image = (time.perf_counter() - start) / rounds
             found[name] = {"images_per_s": 1 / per_image, "levels": len(feeds), "batch": 1}
             report(f"model-only {name}: {1 / per_image:.1f} pyramids/s ({len(feeds)} levels)")
+            del runner
             continue
         rates = {}
         for batch in net.buckets():

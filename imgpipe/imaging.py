@@ -55,6 +55,8 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
         raise InvalidInputError(f"not an image: the {len(data)} bytes are not a JPEG, PNG or WebP image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # a header cut short or corrupt
+        raise InvalidInputError(f"truncated or corrupt image header ({len(data)} bytes): {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise InvalidInputError(
@@ -73,9 +75,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     image = _open_checked(data, max_pixels)
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
+        image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidInputError(f"truncated or corrupt {image.format} image: {exc}") from None
-    image = ImageOps.exif_transpose(image)
     if image.mode != "RGB":
         # Palette/greyscale/CMYK/alpha images become RGB; an alpha channel is dropped, the segmenter decides.
         image = (

@@ -150,6 +150,9 @@ def test_repository_configs_parse_and_follow_the_manifest(repository: Path, test
     assert settings["max_pixels"] == test_manifest.pipelines["remove_background"].max_pixels
     assert pre.parameters["imgpipe.step"].string_value == "imgpipe.ensembles.remove_background:Preprocess"
     assert configs["bg_postprocess"].parameters["mask_activation"].string_value == "sigmoid"
+    # Steps on auto (GPU where there is one) take their inputs where the previous step left them.
+    assert configs["bg_postprocess"].instance_group[0].kind == configs["bg_postprocess"].instance_group[0].KIND_AUTO
+    assert configs["bg_postprocess"].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     assert seg.parameters["imgpipe.step"].string_value == "imgpipe.ensembles.network:NetworkStep"
     assert seg.parameters["imgpipe.runner"].string_value == "torch"  # GPU instances; CPU falls back to ORT
     assert (repository / "segmenter" / "1" / "model.onnx").is_file()

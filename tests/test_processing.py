@@ -51,7 +51,12 @@ def test_exif_orientation_is_applied() -> None:
         (b"\x00" * 100, "not an image"),
         (encode(ASTRONAUT, "JPEG")[:3000], "truncated or corrupt JPEG image"),
         (encode(ASTRONAUT, "PNG")[:5000], "truncated or corrupt PNG image"),
+        # Headers cut short (found by probing the server: Pillow raises plain OSError while opening these)
+        (encode(ASTRONAUT, "PNG")[:20], "truncated or corrupt image header"),
+        (encode(ASTRONAUT, "JPEG")[:6], "truncated or corrupt image header"),
+        (encode(ASTRONAUT, "WEBP")[:16], "truncated or corrupt image header"),
     ],
+    ids=["empty", "gif", "zeros", "jpeg-half", "png-half", "png-header", "jpeg-header", "webp-header"],
 )
 def test_bad_bytes_are_refused_with_a_reason(data: bytes, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
@@ -230,7 +235,7 @@ try:
     import torchvision  # noqa: F401
 
     TORCHVISION = True
-except ImportError:  # the CPU build of torch here has no torchvision
+except (ImportError, OSError, RuntimeError):  # the CPU build of torch here has no (working) torchvision
     TORCHVISION = False
 
 

@@ -47,6 +47,8 @@ def test_request_parameters_are_parsed_by_the_contract() -> None:
         ({"pnet_threshold": 1.5}, "'pnet_threshold' must be within"),
         ({"rnet_threshold": "high"}, "'rnet_threshold' must be a number"),
         ({"scale_factor": float("nan")}, "'scale_factor' must be within"),
+        ({"min_face_size": 20.7}, "'min_face_size' must be a whole number"),
+        ({"min_face_size": True}, "'min_face_size' must be a number, got True"),
         ({"face_size": 20}, "unknown parameter 'face_size'"),
     ):
         with pytest.raises(InvalidInputError, match=message):

@@ -225,3 +225,26 @@ def test_remove_bg_command_writes_the_chosen_format(server, tmp_path: Path) -> N
         [*command, "-o", str(tmp_path / "y"), "--format", "jpeg"], capture_output=True, text=True, timeout=300, env=env
     )
     assert done.returncode == 1 and "FORMAT jpeg cannot hold the alpha channel of MODE rgba" in done.stderr
+
+
+def test_internal_models_refuse_inconsistent_inputs_as_the_callers_mistake(client: TritonClient) -> None:
+    """Found by probing the server: bg_postprocess and pnet called directly with bad shapes answered INTERNAL."""
+    mask = np.zeros((1, 1, 1024, 1024), np.float32)
+    original = np.zeros((1, 10, 10, 3), np.uint8)
+    for size, message in (
+        ([[100, 100]], "lies outside ORIGINAL"),
+        ([[0, 0]], "lies outside"),
+        ([[2**30, 5]], "outside"),
+    ):
+        with pytest.raises(InferenceError, match=message) as info:
+            client.infer("bg_postprocess", {"MASK": mask, "ORIGINAL": original, "SIZE": np.array(size, np.int32)},
+                         ["OUTPUT"])  # fmt: skip
+        assert info.value.is_invalid_argument
+    good = client.infer("bg_postprocess", {"MASK": mask, "ORIGINAL": original, "SIZE": np.array([[10, 10]], np.int32)},
+                        ["OUTPUT"])  # fmt: skip
+    assert good["OUTPUT"].shape == (1, 1)
+    with pytest.raises(
+        InferenceError, match=r"'input_1' has shape \[4, 4, 3\]: each dimension must be at least"
+    ) as info:
+        client.infer("pnet", {"input_1": np.zeros((1, 4, 4, 3), np.float32)}, ["conv2d_4"])
+    assert info.value.is_invalid_argument

@@ -113,10 +113,14 @@ class Param:
                     f"parameter {self.name!r} must be {', '.join(self.choices)} or a face index, got {value!r}"
                 )
             raise InvalidInputError(f"parameter {self.name!r} must be {_either(self.choices)}, got {value!r}")
+        if isinstance(value, bool):
+            raise InvalidInputError(f"parameter {self.name!r} must be a number, got {value!r}")
         try:
             number = float(value)
         except (TypeError, ValueError):
             raise InvalidInputError(f"parameter {self.name!r} must be a number, got {value!r}") from None
+        if self.type == "int" and not (math.isnan(number) or math.isinf(number)) and number != int(number):
+            raise InvalidInputError(f"parameter {self.name!r} must be a whole number, got {value!r}")
         low = -math.inf if self.low is None else self.low
         high = math.inf if self.high is None else self.high
         if math.isnan(number) or not low <= number <= high:
@@ -292,7 +296,7 @@ def python_model(
     parameters = {"imgpipe.step": step_name(step), "imgpipe.settings": settings_json(settings)}
     if networks is not None:
         parameters["imgpipe.networks"] = networks
-    if instances.kind == "gpu":
+    if instances.kind != "cpu":
         # Inputs stay where the previous step left them (GPU tensors through DLPack, no host copy).
         parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     if contract is not None:
