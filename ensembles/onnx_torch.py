@@ -194,10 +194,9 @@ def _concat(m: OnnxModule, node: Node, a: dict, *xs):  # type: ignore[no-untyped
 
 
 def _cast(m: OnnxModule, node: Node, a: dict, x):  # type: ignore[no-untyped-def]
-    from imgpipe.dtypes import torch_dtype
+    from imgpipe.dtypes import from_onnx, torch_dtype
 
-    names = {1: "FP32", 10: "FP16", 7: "INT64", 6: "INT32", 2: "UINT8", 9: "BOOL", 3: "INT8"}
-    target = torch_dtype(names[a["to"]])
+    target = torch_dtype(from_onnx(a["to"]))
     if target.is_floating_point and x.is_floating_point() and m.is_half:
         return x  # a half-precision module keeps its working type
     return x.to(target)

