@@ -20,8 +20,24 @@ from imgpipe.samples import SAMPLES, sample_array
 
 # name -> (RGB uint8 H×W×3, the input's spec) -> one preprocessed item (no batch dimension)
 PREPROCESSING: dict[str, Callable[[np.ndarray, TensorSpec], np.ndarray]] = {
-    "rmbg": lambda rgb, spec: background.preprocess(torch.from_numpy(rgb), spec.static_shape[-2:]).numpy(),
+    name: (
+        lambda rgb, spec, name=name: background.preprocess(
+            torch.from_numpy(rgb), background.input_size(name, spec.static_shape), name
+        ).numpy()
+    )
+    for name in background.PREPROCESSING
 }
+
+
+def _nhwc(rgb: np.ndarray, spec: TensorSpec, low: float) -> np.ndarray:
+    """RGB stretched to an NHWC input (bilinear, antialiased), scaled to [low, 1]."""
+    unit = background.preprocess(torch.from_numpy(rgb), tuple(spec.static_shape[:2]), "selfie")
+    return (unit * (1.0 - low) + low).numpy()
+
+
+# MediaPipe's face networks: BlazeFace takes [-1, 1] (signed), the face mesh [0, 1] (unit), both NHWC.
+PREPROCESSING["unit"] = lambda rgb, spec: _nhwc(rgb, spec, 0.0)
+PREPROCESSING["signed"] = lambda rgb, spec: _nhwc(rgb, spec, -1.0)
 
 
 def load_rgb(manifest: Manifest, name: str) -> np.ndarray:

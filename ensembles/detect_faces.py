@@ -2,8 +2,10 @@
 
 MTCNN: pnet runs once per pyramid level, all levels concurrently (``async_exec``); rnet and onet get
 every candidate of the image in one batch (split at the network's ``max_batch_size``, the pieces again
-concurrent). SCRFD/YuNet: letterbox, one network call, decode. Concurrent callers' network requests
-meet in the networks' dynamic batchers. The maths runs on the instance's device.
+concurrent). SCRFD/YuNet/BlazeFace: letterbox, one network call, decode (BlazeFace: MediaPipe's
+centred letterbox, anchors, decoding and weighted NMS, :mod:`imgpipe.ensembles.face_decoders`).
+Concurrent callers' network requests meet in the networks' dynamic batchers. The maths runs on the
+instance's device.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ class FaceFinder(BlsStep):
         if self.detector.detector == "mtcnn":
             return await mtcnn.detect(image, params, self.run)
         size = self.detector.input_size
-        x, box = face_decoders.letterbox(image, size, self.detector.detector)
+        if self.detector.detector == "blazeface":
+            x, box = face_decoders.letterbox_blazeface(image, size)
+        else:
+            x, box = face_decoders.letterbox(image, size, self.detector.detector)
         outputs = await self.run("detector", x)
         decode = face_decoders.DECODERS[self.detector.detector]
         kwargs = {} if params.score_threshold is None else {"threshold": params.score_threshold}

@@ -36,6 +36,7 @@ class Preprocess(Step):
     def setup(self) -> None:
         height, width = self.parameters.get("input_size", "1024x1024").split("x")
         self.size = (int(height), int(width))
+        self.preprocessing = self.parameters.get("preprocessing", "rmbg")
 
     def warm_up(self) -> None:
         """nvJPEG and the resize kernels start here, not in the first request (seconds on a GPU)."""
@@ -48,7 +49,7 @@ class Preprocess(Step):
             buffer = io.BytesIO()
             Image.new("RGB", (64, 48), (120, 80, 40)).save(buffer, format="JPEG")
             (image,) = decode_images([buffer.getvalue()], self.settings.max_pixels, self.device)
-            background.preprocess(image, self.size)
+            background.preprocess(image, self.size, self.preprocessing)
             torch.cuda.synchronize(self.device)
 
     def handle(self, request: Any) -> Outputs:
@@ -59,7 +60,7 @@ class Preprocess(Step):
         original = torch.zeros((len(images), height, width, 3), dtype=torch.uint8, device=self.device)
         for i, im in enumerate(images):
             original[i, : im.shape[0], : im.shape[1]] = im
-        pixels = torch.stack([background.preprocess(im, self.size) for im in images])
+        pixels = torch.stack([background.preprocess(im, self.size, self.preprocessing) for im in images])
         sizes = torch.tensor([im.shape[:2] for im in images], dtype=torch.int32)  # read on the host next
         return {PIXELS: pixels, ORIGINAL: original, SIZE: sizes}
 
@@ -85,6 +86,9 @@ class Postprocess(Step):
         encoded = []
         for mask, original, (height, width) in zip(masks, originals, sizes, strict=True):
             rgb = original[:height, :width]
-            alpha = background.mask_to_alpha(mask, height, width, self.activation)
+            guide = rgb if self.settings.refine == "guided" else None
+            alpha = background.mask_to_alpha(
+                mask, height, width, self.activation, guide, self.settings.guided_radius, self.settings.guided_eps
+            )
             encoded.append(encode_image(background.compose(rgb, alpha, options), options.format, **encoding))
         return {"OUTPUT": np.array(encoded, dtype=object).reshape(-1, 1)}

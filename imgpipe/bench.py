@@ -106,6 +106,10 @@ def variant_manifest(base: dict[str, Any], variant: str, options: BenchOptions, 
     if "pnet" in data["networks"] and variant != "naive":
         # pnet's pyramid levels differ in shape and do not batch: instances run them side by side
         sets.append(f"networks.pnet.instances.count={max(1, (os.cpu_count() or 4) // 4)}")
+    if "segmenter" in data["networks"] and "remove_background" in data["pipelines"]:
+        # The benchmark's segmenter is the RMBG-2.0 / BiRefNet reference at full cost (issue 8's figures and
+        # roofline), not the default's 256² selfie segmenter.
+        sets.append('pipelines.remove_background.segmenter="segmenter"')
     if "segmenter" in data["networks"] and variant != "naive":
         seg = "networks.segmenter.batching"
         sets += [

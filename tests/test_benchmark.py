@@ -43,6 +43,7 @@ from imgpipe.benchmark import (
 )
 from imgpipe.clients.remove_background import remove_background
 from imgpipe.clients.triton import TritonClient
+from imgpipe.manifest import load_manifest
 from imgpipe.server import TritonServer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -84,6 +85,8 @@ def _settled_delta(
 # Against the real server
 # ---------------------------------------------------------------------------------------------------
 
+SEG = load_manifest().pipelines["remove_background"].segmenter  # the served segmenter network
+
 
 @pytest.mark.server
 def test_sweep_counts_agree_with_tritons_statistics(server: TritonServer, astronaut_jpeg: bytes, tmp_path: Path):
@@ -118,15 +121,15 @@ def test_sweep_counts_agree_with_tritons_statistics(server: TritonServer, astron
     changes = _settled_delta(url, "grpc", before, "remove_background", sent)
     assert changes["remove_background"].success_count == sent
     assert changes["remove_background"].fail_count == 0
-    assert changes["segmenter"].inference_count == sent
+    assert changes[SEG].inference_count == sent
     assert changes["bg_postprocess"].success_count == sent
-    assert sum(changes["segmenter"].batch_sizes.values()) == changes["segmenter"].execution_count
-    assert sum(size * n for size, n in changes["segmenter"].batch_sizes.items()) == sent
+    assert sum(changes[SEG].batch_sizes.values()) == changes[SEG].execution_count
+    assert sum(size * n for size, n in changes[SEG].batch_sizes.items()) == sent
 
     times = breakdown(changes)
-    assert {"remove_background", "bg_preprocess", "segmenter", "bg_postprocess"} <= times.keys()
+    assert {"remove_background", "bg_preprocess", SEG, "bg_postprocess"} <= times.keys()
     assert "pnet" not in times  # idle models are left out
-    segmenter = times["segmenter"]
+    segmenter = times[SEG]
     assert segmenter.requests == sent and segmenter.avg_batch is not None and segmenter.avg_batch >= 1
     assert segmenter.queue_ms is not None and segmenter.queue_ms >= 0
     assert segmenter.compute_ms is not None and segmenter.compute_ms > 0
@@ -134,7 +137,7 @@ def test_sweep_counts_agree_with_tritons_statistics(server: TritonServer, astron
     # The ensemble's time per request covers its steps' compute.
     ensemble = times["remove_background"]
     assert ensemble.request_ms is not None and ensemble.request_ms >= segmenter.compute_ms
-    assert "segmenter" in _render(stats_table(times))
+    assert SEG in _render(stats_table(times))
 
     out = plot({"served (gRPC)": points}, tmp_path / "bench" / "served.png", "remove_background, width 4, CPU")
     assert Image.open(out).size == (1800, 675)
@@ -183,14 +186,14 @@ def test_failing_requests_are_counted_and_stop_the_sweep(server: TritonServer):
     assert changes["remove_background"].fail_count in (point.sent, 2 * point.sent)
     assert changes["remove_background"].success_count == 0
     assert changes["bg_preprocess"].success_count + changes["bg_preprocess"].fail_count == point.sent
-    assert changes["segmenter"].inference_count == 0  # refused before the network
+    assert changes[SEG].inference_count == 0  # refused before the network
 
 
 @pytest.mark.server
 def test_the_servers_metrics_parse_and_report_no_gpu(server: TritonServer):
     assert gpu_memory(server.metrics_url) == {}
     samples = parse_prometheus(fetch_metrics(server.metrics_url))
-    assert any(s.name == "nv_inference_count" and s.labels.get("model") == "segmenter" for s in samples)
+    assert any(s.name == "nv_inference_count" and s.labels.get("model") == SEG for s in samples)
 
 
 # ---------------------------------------------------------------------------------------------------

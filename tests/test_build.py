@@ -122,7 +122,7 @@ def test_reference_source_needs_a_known_architecture() -> None:
 
 def test_repository_configs_parse_and_follow_the_manifest(repository: Path, test_manifest: Manifest) -> None:
     configs = {p.parent.name: parse(p.read_text()) for p in repository.glob("*/config.pbtxt")}
-    networks = {"segmenter", "pnet", "rnet", "onet", "recognizer", "swapper"}
+    networks = set(test_manifest.networks)
     assert set(configs) == networks | {
         "bg_preprocess",
         "bg_postprocess",
@@ -141,8 +141,9 @@ def test_repository_configs_parse_and_follow_the_manifest(repository: Path, test
     assert list(seg.model_warmup[0].inputs["input"].dims) == [3, 1024, 1024]
     ens = configs["remove_background"]
     assert ens.platform == "ensemble"
-    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["bg_preprocess", "segmenter", "bg_postprocess"]
-    steps = ("segmenter", "bg_preprocess", "bg_postprocess")
+    served = test_manifest.pipelines["remove_background"].segmenter
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["bg_preprocess", served, "bg_postprocess"]
+    steps = (served, "bg_preprocess", "bg_postprocess")
     assert ens.max_batch_size <= min(configs[name].max_batch_size for name in steps)
     assert {i.name: i.optional for i in ens.input} == {"IMAGE": False, "MODE": True, "BACKGROUND": True, "FORMAT": True}
     pre = configs["bg_preprocess"]

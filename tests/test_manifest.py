@@ -18,7 +18,13 @@ def test_default_manifest_loads_with_the_segmenter_contract() -> None:
     assert seg.output().shape == (1, 1024, 1024) and seg.output().activation == "sigmoid"
     assert seg.batching.preferred_batch_sizes == (2, 4)
     assert seg.batching.queue.max_queue_size == 64
-    assert manifest.pipelines["remove_background"].segmenter == "segmenter"
+    # remove_background serves MediaPipe's selfie segmenter (real weights) by default; "segmenter" is the
+    # RMBG-2.0 / BiRefNet contract for users' files (and the benchmark's full-cost network).
+    settings = manifest.pipelines["remove_background"]
+    assert settings.segmenter == "selfie_segmenter" and settings.refine == "guided"
+    selfie = manifest.network("selfie_segmenter")
+    assert selfie.source.kind == "tflite" and selfie.calibration.preprocessing == "selfie"
+    assert selfie.input().shape == (256, 256, 3) and selfie.output().activation == "none"
 
 
 def _error(mutate) -> str:  # type: ignore[no-untyped-def]

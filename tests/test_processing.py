@@ -11,6 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 from PIL import Image
+from torch.nn import functional as F
 
 from imgpipe.ensembles import background
 from imgpipe.ensembles.runners import OnnxRuntimeRunner
@@ -320,3 +321,55 @@ def test_runner_runs_requests_as_one_batch_and_splits_them_back(tmp_path: Path, 
     if batch == "N":
         mixed = runner.run([{"x": torch.ones(2, 3)}, {"x": torch.ones(1, 3)}])
         assert [o["y"].shape for o in mixed] == [(2, 3), (1, 3)] and calls == [3]
+
+
+def test_box_mean_is_the_window_mean_cut_at_the_borders() -> None:
+    x = torch.rand(2, 3, 17, 23, dtype=torch.float64)
+    for radius in (1, 3, 12):
+        k = 2 * radius + 1
+        got = background.box_mean(x, radius)
+        # A direct loop over a few pixels, including corners (windows cut by the border).
+        for y, xx in ((0, 0), (8, 11), (16, 22), (3, 20)):
+            window = x[..., max(0, y - radius) : y + radius + 1, max(0, xx - radius) : xx + radius + 1]
+            torch.testing.assert_close(got[..., y, xx], window.mean(dim=(-2, -1)))
+        pooled = F.avg_pool2d(x, k, stride=1, padding=radius, count_include_pad=False)
+        torch.testing.assert_close(got, pooled)
+
+
+def test_guided_upsample_keeps_flat_masks_and_snaps_edges_to_the_image() -> None:
+    """A 16² mask whose edge is misplaced by a few pixels against a sharp vertical edge in a 128² image:
+    the guided filter moves the edge onto the image's; bilinear upsampling keeps it where the mask said."""
+    image = torch.zeros((128, 128, 3), dtype=torch.uint8)
+    image[:, 64:] = torch.tensor([200, 180, 160], dtype=torch.uint8)  # object on the right from column 64
+    mask = torch.zeros((1, 1, 16, 16))
+    mask[..., 9:] = 1.0  # the low-resolution mask says column 72 (9 × 8)
+    flat = background.guided_upsample(torch.full((1, 1, 16, 16), 0.7), image)
+    torch.testing.assert_close(flat, torch.full((1, 1, 128, 128), 0.7), atol=1e-4, rtol=0)
+    guided = background.guided_upsample(mask, image, radius=2, eps=1e-4)[0, 0]
+    bilinear = F.interpolate(mask, size=(128, 128), mode="bilinear", align_corners=False)[0, 0]
+    assert guided.shape == (128, 128)
+    # The guided mask steps up exactly at the image's edge (column 63 → 64) and is zero before it; the
+    # bilinear one is still zero there and ramps up around the coarse mask's column 72.
+    jumps = guided[64, 1:] - guided[64, :-1]
+    assert int(jumps.argmax()) == 63 and float(jumps[63]) > 0.3
+    assert float(bilinear[64, 64] - bilinear[64, 63]) < 0.01
+    assert guided[:, :64].max() < 0.02 and guided[:, 110:].min() > 0.9
+
+
+def test_mask_to_alpha_reads_both_segmenter_layouts() -> None:
+    nchw = torch.zeros((1, 8, 8))
+    nhwc = torch.zeros((8, 8, 1))
+    nchw[..., 4:] = nhwc[:, 4:] = 1.0
+    a = background.mask_to_alpha(nchw, 16, 16, "none")
+    b = background.mask_to_alpha(nhwc, 16, 16, "none")
+    assert torch.equal(a, b) and a[:, :6].max() == 0 and a[:, 10:].min() == 255
+
+
+def test_selfie_preprocessing_is_nhwc_in_the_unit_range() -> None:
+    got = background.preprocess(torch.from_numpy(ASTRONAUT), (256, 256), "selfie")
+    assert got.shape == (256, 256, 3) and 0.0 <= float(got.min()) and float(got.max()) <= 1.0
+    rmbg = background.preprocess(torch.from_numpy(ASTRONAUT), (256, 256), "rmbg")
+    mean, std = torch.tensor(background.IMAGENET_MEAN), torch.tensor(background.IMAGENET_STD)
+    torch.testing.assert_close(rmbg.permute(1, 2, 0) * std + mean, got, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unknown segmenter preprocessing 'nope'"):
+        background.preprocess(torch.from_numpy(ASTRONAUT), (256, 256), "nope")

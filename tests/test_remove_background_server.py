@@ -31,18 +31,54 @@ def _png(data: bytes) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def reference_alpha(repository: Path):  # type: ignore[no-untyped-def]
-    """The mask computed outside the server: contract preprocessing → the same ONNX → postprocessing."""
-    session = ort.InferenceSession(
-        str(repository / "segmenter" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
+def reference_alpha(repository: Path, test_manifest):  # type: ignore[no-untyped-def]
+    """The mask computed outside the server: the default segmenter's contract preprocessing (MediaPipe's
+    selfie segmenter: 256², NHWC, [0, 1]) → the same ONNX on ONNX Runtime → the guided refinement."""
+    settings = test_manifest.pipelines["remove_background"]
+    seg = test_manifest.network(settings.segmenter)
+    assert seg.calibration.preprocessing == "selfie" and settings.refine == "guided"
+    session = ort.InferenceSession(str(repository / seg.name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
 
-    def compute(rgb: np.ndarray) -> np.ndarray:
-        pixels = background.preprocess(torch.from_numpy(rgb))[None].numpy()
-        (logits,) = session.run(None, {"input": pixels})
-        return background.mask_to_alpha(torch.from_numpy(logits[0]), *rgb.shape[:2], "sigmoid").numpy()
+    def compute(rgb: np.ndarray, refine: str = "guided") -> np.ndarray:
+        image = torch.from_numpy(rgb)
+        pixels = background.preprocess(image, (256, 256), "selfie")[None].numpy()
+        (probability,) = session.run(None, {seg.input().name: pixels})
+        guide = image if refine == "guided" else None
+        alpha = background.mask_to_alpha(
+            torch.from_numpy(probability[0]), *rgb.shape[:2], "none", guide, settings.guided_radius, settings.guided_eps
+        )
+        return alpha.numpy()
 
     return compute
+
+
+def _gradient(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    return np.hypot(a[1:, :-1] - a[:-1, :-1], a[:-1, 1:] - a[:-1, :-1])
+
+
+def test_astronaut_person_kept_background_removed_and_edges_follow_the_image(
+    client: TritonClient, astronaut_jpeg: bytes, reference_alpha
+) -> None:  # type: ignore[no-untyped-def]
+    """Issue 9's acceptance on the astronaut: the real segmenter keeps the person (her face) and drops
+    the background (the dark sky in the top corners); the full-resolution mask's edges lie on the image's
+    edges, measured as the image-gradient magnitude averaged with the mask's gradient as weight: the guided
+    refinement must beat the bilinear upsampling of the same 256² mask clearly."""
+    alpha = np.asarray(_png(remove_background(client, astronaut_jpeg)))[..., 3].astype(np.float64) / 255
+    face = alpha[80:150, 200:250]  # inside her face (x, y, w, h ≈ 182, 61, 86, 111)
+    assert face.mean() > 0.97 and face.min() > 0.8
+    for corner in (alpha[:60, :60], alpha[:60, -60:]):
+        assert corner.mean() < 0.03
+    rgb = np.array(Image.open(io.BytesIO(astronaut_jpeg)).convert("RGB"))
+    image_edges = _gradient(np.asarray(Image.fromarray(rgb).convert("L")))
+
+    def alignment(mask: np.ndarray) -> float:
+        weight = _gradient(mask)
+        return float((weight * image_edges).sum() / weight.sum())
+
+    guided, bilinear = alignment(alpha * 255), alignment(reference_alpha(rgb, "bilinear"))
+    print(f"edge alignment: guided {guided:.1f}, bilinear {bilinear:.1f} (image-gradient units)")
+    assert guided > 1.2 * bilinear  # measured 38.3 vs 28.6
 
 
 @pytest.mark.parametrize(
@@ -133,7 +169,7 @@ def test_concurrent_callers_are_batched_and_bad_requests_do_not_disturb_them(
     stats = httpclient.InferenceServerClient(server.http_url)
 
     def segmenter_counts() -> tuple[int, int]:
-        (entry,) = stats.get_inference_statistics("segmenter")["model_stats"]
+        (entry,) = stats.get_inference_statistics("selfie_segmenter")["model_stats"]
         return int(entry["inference_count"]), int(entry["execution_count"])
 
     inferences_before, executions_before = segmenter_counts()
@@ -187,7 +223,7 @@ def _segmenter_inferences(server) -> int:  # type: ignore[no-untyped-def]
     import tritonclient.http as httpclient
 
     with httpclient.InferenceServerClient(server.http_url) as stats:
-        (entry,) = stats.get_inference_statistics("segmenter")["model_stats"]
+        (entry,) = stats.get_inference_statistics("selfie_segmenter")["model_stats"]
         return int(entry["inference_count"])
 
 
@@ -229,7 +265,7 @@ def test_remove_bg_command_writes_the_chosen_format(server, tmp_path: Path) -> N
 
 def test_internal_models_refuse_inconsistent_inputs_as_the_callers_mistake(client: TritonClient) -> None:
     """Found by probing the server: bg_postprocess and pnet called directly with bad shapes answered INTERNAL."""
-    mask = np.zeros((1, 1, 1024, 1024), np.float32)
+    mask = np.zeros((1, 256, 256, 1), np.float32)  # the selfie segmenter's output
     original = np.zeros((1, 10, 10, 3), np.uint8)
     for size, message in (
         ([[100, 100]], "lies outside ORIGINAL"),

@@ -22,7 +22,10 @@ WIDTH4 = ["--set", "networks.segmenter.source.width=4"]
 
 
 def _manifest(tmp_path: Path, **overrides: object) -> Manifest:
+    """The test manifest with remove_background on the RMBG-2.0 / BiRefNet reference segmenter (the
+    contract users' ONNX files follow), whose knobs these tests turn."""
     data = manifest_data()
+    data["pipelines"]["remove_background"]["segmenter"] = "segmenter"
     for dotted, value in overrides.items():
         table = data
         *parents, leaf = dotted.split("__")

@@ -1,5 +1,6 @@
-"""``detect_faces``: a BLS model running the MTCNN cascade (pnet/rnet/onet), or one user network
-decoded as SCRFD/RetinaFace or YuNet. The step lives in :mod:`imgpipe.ensembles.detect_faces`."""
+"""``detect_faces``: a BLS model running the MTCNN cascade (pnet/rnet/onet), or one network decoded as
+SCRFD/RetinaFace or YuNet (user ONNX files) or as MediaPipe's BlazeFace short-range detector. The step
+lives in :mod:`imgpipe.ensembles.detect_faces`."""
 
 from __future__ import annotations
 
@@ -38,7 +39,15 @@ DETECTOR_PARAMETERS = (
     Param("rnet_threshold", "float", 0.7, "MTCNN refinement-stage threshold", low=0.0, high=1.0),
     Param("onet_threshold", "float", 0.7, "MTCNN output-stage threshold", low=0.0, high=1.0),
     Param("scale_factor", "float", 0.709, "MTCNN image-pyramid scale step", low=0.1, high=0.95),
-    Param("score_threshold", "float", None, "score threshold of SCRFD/YuNet detectors", low=0.0, high=1.0),
+    Param(
+        "score_threshold",
+        "float",
+        None,
+        "minimum face score of the single-network detectors, when not given SCRFD 0.5, YuNet 0.6,"
+        " BlazeFace 0.5 (MediaPipe's min_score_thresh); MTCNN ignores it",
+        low=0.0,
+        high=1.0,
+    ),
 )
 
 CONTRACT = Contract(
@@ -50,19 +59,35 @@ CONTRACT = Contract(
 )
 
 
+class _DefaultSize(int):
+    """The input_size a manifest did not set: each single-network detector's own (see Settings)."""
+
+
+DETECTOR_INPUT_SIZES = {"scrfd": 640, "yunet": 640, "blazeface": 128}
+BLAZEFACE_SHAPES = {"inputs": ((128, 128, 3),), "outputs": ((896, 16), (896, 1))}
+
+
 @dataclass(frozen=True)
 class Settings:
-    """``[pipelines.detect_faces]``: the MTCNN cascade (``pnet``/``rnet``/``onet``), or one network of a
-    user ONNX file decoded as SCRFD/RetinaFace or YuNet (``network``, ``input_size``)."""
+    """``[pipelines.detect_faces]``: the MTCNN cascade (``pnet``/``rnet``/``onet``), or one network
+    (``network``, square input ``input_size``) decoded as SCRFD/RetinaFace or YuNet (a user ONNX file,
+    input_size 640 unless set) or as MediaPipe's BlazeFace short-range detector (``blazeface``: the
+    manifest's imported TFLite network; its input is 128, implied, and no other size is accepted)."""
 
-    detector: Literal["mtcnn", "scrfd", "yunet"] = "mtcnn"
+    detector: Literal["mtcnn", "scrfd", "yunet", "blazeface"] = "mtcnn"
     network: str = ""
-    input_size: int = 640
+    input_size: int = _DefaultSize(640)
     pnet: str = "pnet"
     rnet: str = "rnet"
     onet: str = "onet"
     max_pixels: int = 40_000_000
     instances: Instances = field(default_factory=Instances)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input_size, _DefaultSize):  # not set: the detector's own size, a plain int
+            object.__setattr__(self, "input_size", DETECTOR_INPUT_SIZES.get(self.detector, int(self.input_size)))
+        if self.detector == "blazeface" and self.input_size != DETECTOR_INPUT_SIZES["blazeface"]:
+            raise ManifestError(f"input_size: BlazeFace's input is 128×128, got {self.input_size}")
 
 
 def detector_networks(settings: Settings) -> dict[str, str]:
@@ -89,6 +114,18 @@ class DetectFaces(Pipeline):
     def validate(self, manifest: Manifest, settings: Settings) -> None:
         if settings.detector != "mtcnn" and not settings.network:
             raise ManifestError(f"pipelines.detect_faces.network: required when detector = {settings.detector!r}")
+        if settings.detector == "blazeface":
+            network = manifest.network(settings.network)
+            shapes = {
+                "inputs": tuple(t.shape for t in network.inputs),
+                "outputs": tuple(t.shape for t in network.outputs),
+            }
+            if shapes != BLAZEFACE_SHAPES:
+                raise ManifestError(
+                    f"pipelines.detect_faces.network: {settings.network!r} is not a BlazeFace short-range network:"
+                    f" expected input [128, 128, 3] (NHWC, RGB in [-1, 1]) and outputs regressors [896, 16],"
+                    f" classificators [896, 1], got {shapes}"
+                )
 
     def models(self, ctx: BuildContext, settings: Settings) -> list[Any]:
         from imgpipe.ensembles.detect_faces import DetectFaces as Step

@@ -1,16 +1,20 @@
 """``remove_background``: an ensemble of bg_preprocess → the segmenter network → bg_postprocess.
 
-RMBG-2.0 / BiRefNet contract for the segmenter (DESIGN §4). The steps live in
-:mod:`imgpipe.ensembles.remove_background`.
+Two segmenter contracts, told apart by the network's ``calibration.preprocessing`` (its own
+preprocessing, one fact in the manifest): ``selfie`` — MediaPipe's selfie segmenter (the default, real
+weights: 256×256 NHWC RGB in [0, 1] → 256×256×1 probability), and ``rmbg`` — RMBG-2.0 / BiRefNet
+(DESIGN §4: 3×1024×1024 ImageNet-normalised → 1×1024×1024 mask), for users who configure such an ONNX.
+The mask is brought to the image's full resolution by a guided filter (edge-aware) or bilinearly.
+The steps live in :mod:`imgpipe.ensembles.remove_background`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from imgpipe.manifest import Instances, ManifestError
+from imgpipe.manifest import Instances, Manifest, ManifestError
 from imgpipe.pipelines.registry import IO, BuildContext, Contract, Pipeline, python_model, register
 
 MODES = ("rgba", "mask", "composite")
@@ -72,7 +76,7 @@ class Settings:
     more bytes for under 2 dB.
     """
 
-    segmenter: str = "segmenter"  # the network (RMBG-2.0 / BiRefNet contract)
+    segmenter: str = "selfie_segmenter"  # the network; its calibration.preprocessing names its contract
     max_pixels: int = 40_000_000  # decompression-bomb guard: larger images get INVALID_ARG
     max_batch_size: int = 8
     instances: Instances = field(default_factory=Instances)
@@ -84,6 +88,11 @@ class Settings:
     # Instances of bg_postprocess, where encoding runs on the CPU (0: instances.count). On the H100 the
     # encoder bounded the served pipeline (docs/benchmarks.md), so it may need more than the other steps.
     encode_instances: int = 0
+    # The mask at full resolution: "guided" (edge-aware guided filter, radius in mask pixels, eps the
+    # regularisation: larger is smoother) or "bilinear".
+    refine: Literal["guided", "bilinear"] = "guided"
+    guided_radius: int = 2
+    guided_eps: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.encode_instances < 0:
@@ -95,6 +104,8 @@ class Settings:
             ("jpeg_quality", 1, 100),
             ("webp_quality", 1, 100),
             ("webp_method", 0, 6),
+            ("guided_radius", 1, 32),
+            ("guided_eps", 1e-8, 1.0),
         ):
             value = getattr(self, key)
             if not low <= value <= high:
@@ -110,13 +121,26 @@ class RemoveBackground(Pipeline):
     def networks(self, settings: Settings) -> dict[str, str]:
         return {"segmenter": settings.segmenter}
 
+    def validate(self, manifest: Manifest, settings: Settings) -> None:
+        from imgpipe.ensembles.background import PREPROCESSING
+
+        seg = manifest.network(settings.segmenter)
+        if seg.calibration.preprocessing not in PREPROCESSING:
+            raise ManifestError(
+                f"networks.{seg.name}.calibration.preprocessing: the segmenter of remove_background must name"
+                f" its contract, one of {', '.join(PREPROCESSING)} (rmbg: 3xHxW ImageNet-normalised, RMBG-2.0"
+                f" and BiRefNet; selfie: HxWx3 in [0, 1], MediaPipe), got {seg.calibration.preprocessing!r}"
+            )
+
     def models(self, ctx: BuildContext, settings: Settings) -> list[Any]:
         from imgpipe.build.triton_config import ModelSpec, Step, Tensor
+        from imgpipe.ensembles.background import input_size
         from imgpipe.ensembles.remove_background import Postprocess, Preprocess
 
         seg = ctx.manifest.network(settings.segmenter)
         seg_in, seg_out = seg.input(), seg.output()
-        height, width = seg_in.static_shape[-2:]
+        preprocessing = seg.calibration.preprocessing
+        height, width = input_size(preprocessing, seg_in.static_shape)
         batch = min(settings.max_batch_size, seg.batching.max_batch_size)
         image, mode, background, fmt = (CONTRACT.input(n).tensor() for n in ("IMAGE", "MODE", "BACKGROUND", "FORMAT"))
         output = CONTRACT.output("OUTPUT").tensor()
@@ -130,7 +154,7 @@ class RemoveBackground(Pipeline):
             Preprocess,
             inputs=(image, mode, background, fmt),
             outputs=(Tensor(PIXELS, "FP32", seg_in.static_shape), original, size),
-            extra={"input_size": f"{height}x{width}"},
+            extra={"input_size": f"{height}x{width}", "preprocessing": preprocessing},
             **common,
         )
         encoders = dataclasses.replace(settings.instances, count=settings.encode_instances or settings.instances.count)
