@@ -19,13 +19,17 @@ class Face:
     box: tuple[float, float, float, float]  # x, y, width, height in pixels of the original image
     score: float
     landmarks: tuple[tuple[float, float], ...]  # left eye, right eye, nose, left mouth, right mouth
+    mesh: tuple[tuple[float, float, float], ...] = ()  # 468 points (x, y, z) when asked for, else empty
 
     def as_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "box": [round(v, 2) for v in self.box],
             "score": round(self.score, 6),
             "landmarks": [[round(x, 2), round(y, 2)] for x, y in self.landmarks],
         }
+        if self.mesh:
+            out["mesh"] = [[round(v, 2) for v in point] for point in self.mesh]
+        return out
 
 
 def detect_faces(
@@ -33,10 +37,11 @@ def detect_faces(
     image: bytes,
     min_face_size: int | None = None,
     thresholds: tuple[float, float, float] | None = None,
+    mesh: bool = False,
 ) -> list[Face]:
     """Faces in ``image``, best first. ``min_face_size`` (pixels) and the three MTCNN stage
     ``thresholds`` are sent as request parameters; the server's defaults are the contract's
-    (20 and 0.6, 0.7, 0.7)."""
+    (20 and 0.6, 0.7, 0.7). ``mesh`` asks for each face's 468-point face mesh too."""
     parameters: dict[str, str | int | float | bool] = {}
     if min_face_size is not None:
         parameters["min_face_size"] = int(min_face_size)
@@ -46,13 +51,17 @@ def detect_faces(
     out = client.infer(
         DETECT_MODEL,
         {"IMAGE": np.array([image], dtype=object)},
-        [o.name for o in detect_contract.CONTRACT.outputs],
+        [o.name for o in detect_contract.CONTRACT.outputs if mesh or not o.optional],
         parameters=parameters or None,
     )
+    meshes = out["MESH"].tolist() if mesh else [()] * len(out["BOXES"])
     faces = []
-    for (x1, y1, x2, y2), score, points in zip(out["BOXES"], out["SCORES"], out["LANDMARKS"], strict=True):
+    for (x1, y1, x2, y2), score, points, grid in zip(
+        out["BOXES"], out["SCORES"], out["LANDMARKS"], meshes, strict=True
+    ):
         landmarks = tuple((float(x), float(y)) for x, y in points)
-        faces.append(Face((float(x1), float(y1), float(x2 - x1), float(y2 - y1)), float(score), landmarks))
+        box = (float(x1), float(y1), float(x2 - x1), float(y2 - y1))
+        faces.append(Face(box, float(score), landmarks, tuple(tuple(p) for p in grid)))
     return faces
 
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from imgpipe.ensembles import face_decoders, mtcnn
+from imgpipe.ensembles import face_decoders, face_mesh, mtcnn
 from imgpipe.ensembles.step import BlsStep, Outputs
+from imgpipe.errors import InvalidInputError
 from imgpipe.imaging import decode_image
 from imgpipe.manifest import from_table
 from imgpipe.pipelines import detect_faces as declared
@@ -70,4 +71,9 @@ class DetectFaces(FaceFinder):
         params = mtcnn_params(declared.CONTRACT.parse_parameters(self.request_parameters(request)))
         image = self.image(self.single_image(request), self.settings.max_pixels)
         faces = await self.detect(image, params)
-        return {"BOXES": faces.boxes, "SCORES": faces.scores, "LANDMARKS": faces.landmarks}
+        outputs: Outputs = {"BOXES": faces.boxes, "SCORES": faces.scores, "LANDMARKS": faces.landmarks}
+        if "MESH" in self.requested_outputs(request):
+            if "mesh" not in self.networks:
+                raise InvalidInputError("MESH: no face mesh network is configured (pipelines.detect_faces.mesh)")
+            outputs["MESH"] = (await face_mesh.find_meshes(image, faces, self.run)).points
+        return outputs

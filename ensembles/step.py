@@ -228,6 +228,12 @@ class Step:
             raise InvalidInputError(f"input {name!r} is not UTF-8 text") from None
 
     @staticmethod
+    def requested_outputs(request: Any) -> set[str]:
+        """The outputs the caller asked for (Triton passes every output when none was named)."""
+        names = request.requested_output_names() if hasattr(request, "requested_output_names") else None
+        return set(names or ())
+
+    @staticmethod
     def _raw_parameters(request: Any) -> dict[str, Any]:
         try:
             raw = request.parameters() if hasattr(request, "parameters") else "{}"

@@ -1,4 +1,5 @@
-"""Sample images for the demo and the tests: real photos shipped inside scikit-image's wheel (DESIGN §7)."""
+"""Sample images for the demo and the tests: real photos shipped inside scikit-image's wheel (DESIGN §7),
+and Grace Hopper's portrait (U.S. Navy photo, public domain) from matplotlib's wheel — a second real face."""
 
 from __future__ import annotations
 
@@ -8,20 +9,27 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# name -> (scikit-image loader, encoded format)
+# name -> (scikit-image loader or matplotlib:<sample file>, encoded format)
 SAMPLES: dict[str, tuple[str, str]] = {
     "astronaut": ("astronaut", "JPEG"),
     "coffee": ("coffee", "PNG"),
     "chelsea": ("chelsea", "WEBP"),
     "camera": ("camera", "PNG"),  # greyscale
+    "hopper": ("matplotlib:grace_hopper.jpg", "JPEG"),
 }
 _SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 
 
 def sample_array(name: str) -> np.ndarray:
+    loader = SAMPLES[name][0]
+    if loader.startswith("matplotlib:"):
+        from matplotlib import cbook
+
+        path = cbook.get_sample_data(loader.removeprefix("matplotlib:"), asfileobj=False)
+        return np.asarray(Image.open(path).convert("RGB"))
     from skimage import data
 
-    return getattr(data, SAMPLES[name][0])()
+    return getattr(data, loader)()
 
 
 def encode(array: np.ndarray, fmt: str = "PNG", exif_orientation: int | None = None) -> bytes:

@@ -676,7 +676,9 @@ def test_the_bls_step_detects_with_blazeface(photos: dict[str, np.ndarray], netw
 
 @pytest.fixture(scope="module")
 def blazeface_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """One server for this module: detect_faces (and swap_face) with the BlazeFace detector."""
+    """One server for this module: detect_faces (and swap_face) with the BlazeFace detector; swap_face by
+    the inswapper method (the reference recognizer and swapper), which the default manifest's server
+    (face mesh method) does not cover."""
     from imgpipe.build.repository import build_repository
     from imgpipe.server import Ports, TritonServer, free_ports
     from tests.conftest import manifest_data
@@ -685,9 +687,11 @@ def blazeface_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[objec
     folder = tmp_path_factory.mktemp("blazeface")
     data = manifest_data()
     data["pipelines"]["detect_faces"].update(detector="blazeface", network="blazeface", input_size=128)
+    data["pipelines"]["swap_face"]["method"] = "inswapper"
     manifest = parse_manifest(data, folder / "manifest.toml")
     repo = folder / "model_repository"
-    build_repository(manifest, repo, models=["blazeface", "detect_faces", "recognizer", "swapper", "swap_face"])
+    models = ["blazeface", "face_mesh", "detect_faces", "recognizer", "swapper", "swap_face"]
+    build_repository(manifest, repo, models=models)
     with TritonServer(repo, Ports(*free_ports(3)), log_path=folder / "tritonserver.log") as running:
         yield running
 
@@ -716,7 +720,7 @@ def test_served_blazeface_finds_the_astronaut(
     np.testing.assert_allclose(np.array(face.landmarks), local.landmarks[0].numpy(), rtol=0, atol=0.5)
     assert face.landmarks[0][0] < face.landmarks[1][0]
     assert detect_faces(blazeface_client, encode(photos["coffee"], "PNG")) == []
-    outputs = [o.name for o in CONTRACT.outputs]
+    outputs = [o.name for o in CONTRACT.outputs if not o.optional]
     strict = blazeface_client.infer(
         CONTRACT.model, {"IMAGE": np.array([astronaut], dtype=object)}, outputs, parameters={"score_threshold": 0.95}
     )
@@ -728,13 +732,31 @@ def test_served_blazeface_finds_the_astronaut(
     assert info.value.is_invalid_argument
     (two_a, two_b) = detect_faces(blazeface_client, encode(photos["two"], "PNG"))
     assert two_a.box[0] > two_b.box[0]  # best first: the mirrored face scores higher (0.962 vs 0.940)
+    # The face mesh on BlazeFace's faces: its eyes and nose near BlazeFace's own (mouth corners are estimated).
+    (meshed,) = detect_faces(blazeface_client, astronaut, mesh=True)
+    points = np.array(meshed.mesh)
+    assert points.shape == (468, 3)
+    eyes_nose = np.stack([points[[33, 133], :2].mean(0), points[[362, 263], :2].mean(0), points[1, :2]])
+    assert np.abs(eyes_nose - np.array(face.landmarks[:3])).max() < 10
 
 
 @pytest.mark.server
 def test_served_swap_face_uses_blazeface(blazeface_server, photos: dict[str, np.ndarray]) -> None:  # type: ignore[no-untyped-def]
+    import tritonclient.http as httpclient
+
     from imgpipe.clients.faces import swap_face
     from imgpipe.clients.triton import TritonClient
 
+    stats = httpclient.InferenceServerClient(blazeface_server.http_url)
+
+    def counts() -> tuple[int, int]:
+        (entry,) = stats.get_inference_statistics("swapper")["model_stats"]
+        return int(entry["inference_count"]), int(entry["execution_count"])
+
+    before = counts()
     with TritonClient(blazeface_server.grpc_url, "grpc") as client:
         result = swap_face(client, encode(photos["astronaut"], "PNG"), encode(photos["two"], "PNG"))
+    after = counts()
+    stats.close()
     assert result.swapped == 2
+    assert after[0] - before[0] == 2 and after[1] - before[1] == 1  # both faces in one swapper execution

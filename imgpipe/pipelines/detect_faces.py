@@ -31,6 +31,14 @@ LANDMARKS = IO(
     (-1, 5, 2),
     "five points (x, y) per face in pixels: left eye, right eye, nose, left mouth corner, right mouth corner",
 )
+MESH = IO(
+    "MESH",
+    "FP32",
+    (-1, 468, 3),
+    "MediaPipe's 468-point face mesh per face, same order as BOXES: x, y in pixels, z (depth) in the same units,"
+    " smaller towards the camera; computed only when requested (the face mesh network runs on each face)",
+    optional=True,
+)
 
 # Request parameters of the detector; swap_face accepts none of them (it uses the defaults).
 DETECTOR_PARAMETERS = (
@@ -54,7 +62,7 @@ CONTRACT = Contract(
     model="detect_faces",
     summary="Face detection: one encoded image in, boxes, scores and 5-point landmarks of every face out.",
     inputs=(IMAGE,),
-    outputs=(BOXES, SCORES, LANDMARKS),
+    outputs=(BOXES, SCORES, LANDMARKS, MESH),
     parameters=DETECTOR_PARAMETERS,
 )
 
@@ -82,6 +90,7 @@ class Settings:
     onet: str = "onet"
     max_pixels: int = 40_000_000
     instances: Instances = field(default_factory=Instances)
+    mesh: str = "face_mesh"  # the face landmark network behind the MESH output ("" = no MESH)
 
     def __post_init__(self) -> None:
         if isinstance(self.input_size, _DefaultSize):  # not set: the detector's own size, a plain int
@@ -109,7 +118,7 @@ class DetectFaces(Pipeline):
     contract = CONTRACT
 
     def networks(self, settings: Settings) -> dict[str, str]:
-        return detector_networks(settings)
+        return {**detector_networks(settings), **({"mesh": settings.mesh} if settings.mesh else {})}
 
     def validate(self, manifest: Manifest, settings: Settings) -> None:
         if settings.detector != "mtcnn" and not settings.network:
@@ -139,7 +148,9 @@ class DetectFaces(Pipeline):
                 outputs=tuple(o.tensor() for o in CONTRACT.outputs),
                 instances=settings.instances,
                 contract=CONTRACT,
-                networks=network_roles(ctx.manifest, detector_roles(settings)),
+                networks=network_roles(
+                    ctx.manifest, {**detector_roles(settings), **({"mesh": settings.mesh} if settings.mesh else {})}
+                ),
                 extra={"imgpipe.detector": settings_json(settings)},
             )
         ]

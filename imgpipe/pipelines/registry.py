@@ -70,6 +70,8 @@ class IO:
         words = [f"{self.dtype} {list(self.dims)}"]
         if is_input:
             words.append("optional" if self.optional else "required")
+        elif self.optional:
+            words.append("only when requested")
         words.append(self.description)
         if self.choices:
             words.append(f"one of {' | '.join(self.choices)}")
