@@ -402,7 +402,8 @@ def remove_bg(
 
 
 def draw_faces(image: bytes, faces: list, target: Path) -> None:
-    """The image with each face's box and five landmarks drawn, as PNG."""
+    """The image with each face's box and five landmarks drawn, and its face mesh (the triangles' edges)
+    where the faces carry one, as PNG."""
     import io
 
     from PIL import Image, ImageDraw, ImageOps
@@ -410,7 +411,10 @@ def draw_faces(image: bytes, faces: list, target: Path) -> None:
     picture = ImageOps.exif_transpose(Image.open(io.BytesIO(image))).convert("RGB")
     pen = ImageDraw.Draw(picture)
     width = max(2, round(max(picture.size) / 300))
+    edges = _mesh_edges() if any(face.mesh for face in faces) else []
     for face in faces:
+        for a, b in edges:
+            pen.line([face.mesh[a][:2], face.mesh[b][:2]], fill=(60, 220, 120), width=1)
         x, y, w, h = face.box
         pen.rectangle([x, y, x + w, y + h], outline=(255, 140, 0), width=width)
         for px, py in face.landmarks:
@@ -418,6 +422,16 @@ def draw_faces(image: bytes, faces: list, target: Path) -> None:
         pen.text((x, max(0, y - 12)), f"{face.score:.3f}", fill=(255, 140, 0))
     target.parent.mkdir(parents=True, exist_ok=True)
     picture.save(target, format="PNG")
+
+
+def _mesh_edges() -> list[tuple[int, int]]:
+    """The face mesh's edges, from MediaPipe's published tessellation (the mediapipe wheel)."""
+    from imgpipe.ensembles.mesh_swap import connections
+
+    try:
+        return connections()
+    except (FileNotFoundError, ImportError):  # no mediapipe wheel here: boxes and landmarks only
+        return []
 
 
 @app.command()
@@ -429,8 +443,10 @@ def detect(
     protocol: ProtocolOpt = "grpc",
     min_face_size: Annotated[int | None, typer.Option(help="Smallest face to find, in pixels (default 20).")] = None,
     thresholds: Annotated[str | None, typer.Option(help="MTCNN stage thresholds, e.g. 0.6,0.7,0.7.")] = None,
+    mesh: Annotated[bool, typer.Option("--mesh", help="Also the 468-point face mesh of each face.")] = False,
 ) -> None:
-    """Detect faces: boxes [x, y, width, height], scores and 5 landmarks in the original image's pixels."""
+    """Detect faces: boxes [x, y, width, height], scores and 5 landmarks in the original image's pixels
+    (with --mesh, MediaPipe's 468-point face mesh too: in the JSON and the drawing)."""
     import json
 
     from imgpipe.clients.faces import detect_faces
@@ -447,7 +463,7 @@ def detect(
     data = image.read_bytes()
     try:
         with TritonClient(url, protocol) as client:  # type: ignore[arg-type]
-            faces = detect_faces(client, data, min_face_size, stages)  # type: ignore[arg-type]
+            faces = detect_faces(client, data, min_face_size, stages, mesh=mesh)  # type: ignore[arg-type]
     except InferenceError as exc:
         raise _fail(f"{exc.status}: {exc.message}") from None
     if as_json:
@@ -502,7 +518,7 @@ def _demo_faces(samples: list[Path], folder: Path, url: str) -> int:
     with TritonClient(url, "grpc") as client:
         for path in samples:
             try:
-                faces = detect_faces(client, path.read_bytes())
+                faces = detect_faces(client, path.read_bytes(), mesh=True)
             except InferenceError as exc:
                 err.print(f"[red]{path}[/]: {exc.status}: {exc.message}")
                 failures += 1
@@ -514,7 +530,7 @@ def _demo_faces(samples: list[Path], folder: Path, url: str) -> int:
         from imgpipe.clients.faces import swap_face
 
         by_name = {p.stem: p for p in samples}
-        for source, target in (("astronaut", "camera"), ("camera", "astronaut"), ("astronaut", "coffee")):
+        for source, target in (("hopper", "astronaut"), ("astronaut", "hopper"), ("astronaut", "coffee")):
             try:
                 result = swap_face(client, by_name[source].read_bytes(), by_name[target].read_bytes())
             except InferenceError as exc:
@@ -523,7 +539,7 @@ def _demo_faces(samples: list[Path], folder: Path, url: str) -> int:
                 continue
             (folder / f"swap_{source}_into_{target}.png").write_bytes(result.image)
             console.print(f"swap_face: {source} into {target}: {result.swapped} face(s) swapped")
-        console.print(f"swap_face: results in {folder} (reference swapper: untrained, the faces are blurs)")
+        console.print(f"swap_face: results in {folder} (method mesh: MediaPipe's face mesh, real weights)")
     return failures
 
 
@@ -563,8 +579,9 @@ def demo(
     finally:
         server.stop()
     console.print(
-        "[bold]Note:[/] the default segmenter has untrained reference weights: its masks are "
-        "meaningless until a real ONNX is configured in manifest.toml (see README)."
+        "[bold]Note:[/] the default segmenter is MediaPipe's selfie segmenter: made for people; on photos "
+        "without a person (coffee, chelsea) it removes everything. For objects configure an RMBG-2.0 / "
+        "BiRefNet ONNX (README)."
     )
     if failures:
         raise typer.Exit(1)
