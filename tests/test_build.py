@@ -150,7 +150,10 @@ def test_repository_configs_parse_and_follow_the_manifest(repository: Path, test
     settings = json.loads(pre.parameters["imgpipe.settings"].string_value)
     assert settings["max_pixels"] == test_manifest.pipelines["remove_background"].max_pixels
     assert pre.parameters["imgpipe.step"].string_value == "imgpipe.ensembles.remove_background:Preprocess"
-    assert configs["bg_postprocess"].parameters["mask_activation"].string_value == "sigmoid"
+    served_net = test_manifest.network(served)
+    assert configs["bg_postprocess"].parameters["mask_activation"].string_value == served_net.output().activation
+    assert pre.parameters["preprocessing"].string_value == served_net.calibration.preprocessing == "selfie"
+    assert pre.parameters["input_size"].string_value == "256x256"
     # Steps on auto (GPU where there is one) take their inputs where the previous step left them.
     assert configs["bg_postprocess"].instance_group[0].kind == configs["bg_postprocess"].instance_group[0].KIND_AUTO
     assert configs["bg_postprocess"].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"

@@ -73,22 +73,31 @@ def test_masks_match_across_devices_and_precisions(clients: dict[str, TritonClie
     image = encode(sample_array(sample), "JPEG")
     masks = {name: _pixels(remove_background(c, image, mode="mask")) for name, c in clients.items()}
     error, psnr = np.abs(masks["gpu"].astype(int) - masks["cpu"]).max(), _psnr(masks["fp16"], masks["gpu"])
-    print(f"{sample}: mask GPU vs CPU max {error}, FP16 vs FP32 {psnr:.1f} dB")
-    assert error <= 2 and psnr >= 40.0
+    across = _psnr(masks["gpu"], masks["cpu"])
+    print(f"{sample}: mask GPU vs CPU max {error} ({across:.1f} dB), FP16 vs FP32 {psnr:.1f} dB")
+    # The GPU decodes JPEG with nvJPEG (pixels differ by a level or two from Pillow's) and runs the net in
+    # TF32; the guided filter follows the image, so single outline pixels move. Bound: the segmenter's
+    # accuracy gate (max abs on the probabilities, in alpha levels) and 40 dB over the whole mask.
+    manifest = parse_manifest(manifest_data())
+    seg = manifest.network(manifest.pipelines["remove_background"].segmenter)
+    assert error <= 255 * seg.tolerance.max_abs and across >= 40.0 and psnr >= 40.0
 
 
 def test_faces_match_across_devices(clients: dict[str, TritonClient]) -> None:
     for sample in SAMPLES:
         image = encode(sample_array(sample), "PNG")
         found = {name: detect_faces(c, image, mesh=True) for name, c in clients.items()}
-        for name, mesh_px in (("gpu", 0.5), ("fp16", 2.0)):
+        # FP32 on the GPU: within a pixel of the CPU. FP16: MTCNN's box regression moves by a few pixels
+        # (hopper: 6.7 px of a 175 px box on an H200), and the mesh with it: within 5 % of the face's size.
+        for name, share in (("gpu", 0.0), ("fp16", 0.05)):
             assert len(found[name]) == len(found["cpu"]), (sample, name)
             for a, b in zip(found[name], found["cpu"], strict=True):
-                assert np.abs(np.array(a.box) - np.array(b.box)).max() <= 1.0
-                assert abs(a.score - b.score) <= 1e-3
+                bound = max(1.0, share * max(b.box[2:]))
+                box_error = np.abs(np.array(a.box) - np.array(b.box)).max()
                 mesh_error = np.abs(np.array(a.mesh) - np.array(b.mesh)).max()
-                print(f"{sample} {name}: mesh vs CPU max {mesh_error:.3f} px")
-                assert mesh_error <= mesh_px
+                print(f"{sample} {name}: box vs CPU max {box_error:.3f} px, mesh {mesh_error:.3f} px")
+                assert box_error <= bound and mesh_error <= bound
+                assert abs(a.score - b.score) <= 1e-3
 
 
 def test_swaps_match_across_devices(clients: dict[str, TritonClient]) -> None:

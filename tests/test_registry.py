@@ -34,7 +34,8 @@ def test_the_builtin_pipelines_are_registered_with_their_contracts() -> None:
     for name, pipeline in known.items():
         assert pipeline.name == name and pipeline.contract.model
     assert REMOVE_BG.input("MODE").optional and REMOVE_BG.input("MODE").choices == ("rgba", "mask", "composite")
-    assert [o.name for o in DETECT.outputs] == ["BOXES", "SCORES", "LANDMARKS"]
+    assert [o.name for o in DETECT.outputs] == ["BOXES", "SCORES", "LANDMARKS", "MESH"]
+    assert [o.optional for o in DETECT.outputs] == [False, False, False, True]  # MESH: only when requested
     assert SWAP.param("format").choices == ("png", "jpeg")
 
 
@@ -74,7 +75,10 @@ def test_manifest_refuses_unknown_pipelines_missing_networks_and_plugins(tmp_pat
     with pytest.raises(ManifestError, match=r"pipelines.swap_face: needs a \[pipelines.detect_faces\] table"):
         parse_manifest(data)
     data = manifest_data()
-    data["pipelines"]["swap_face"]["swapper"] = "nope"
+    data["pipelines"]["swap_face"]["mesh"] = "nope"
+    with pytest.raises(ManifestError, match=r"pipelines\.swap_face\.mesh: 'nope' is not a network"):
+        parse_manifest(data)
+    data["pipelines"]["swap_face"].update(mesh="face_mesh", method="inswapper", swapper="nope")
     with pytest.raises(ManifestError, match=r"pipelines\.swap_face\.swapper: 'nope' is not a network"):
         parse_manifest(data)
     data = manifest_data()

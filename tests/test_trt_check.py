@@ -19,7 +19,7 @@ from imgpipe.build.trt_check import TrtCheckError, check_manifest, check_network
 from imgpipe.manifest import Manifest, parse_manifest
 from tests.conftest import manifest_data
 
-NETWORKS = {"segmenter", "pnet", "rnet", "onet", "recognizer", "swapper"}
+NETWORKS = {"segmenter", "pnet", "rnet", "onet", "recognizer", "swapper", "selfie_segmenter", "blazeface", "face_mesh"}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,10 @@ def test_every_network_parses_and_builds_in_fp32_and_fp16(test_manifest: Manifes
     results = check_manifest(test_manifest, cache_dir=cache)
     failed = [f"{r.network}/{r.precision}: {r.message}" for r in results if not r.ok]
     assert not failed, "\n".join(failed)
-    assert {(r.network, r.precision) for r in results} == {(n, p) for n in NETWORKS for p in ("fp32", "fp16")}
+    assert {(r.network, r.precision) for r in results} == {
+        (n, p) for n in test_manifest.networks for p in ("fp32", "fp16")
+    }
+    assert set(NETWORKS) <= set(test_manifest.networks)  # MediaPipe's imported TFLite networks among them
     assert all(r.engine_bytes > 0 and not r.cached for r in results)
 
     again = check_manifest(test_manifest, cache_dir=cache)  # unchanged: every verdict comes from the cache

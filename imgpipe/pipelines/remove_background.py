@@ -92,7 +92,7 @@ class Settings:
     # regularisation: larger is smoother) or "bilinear".
     refine: Literal["guided", "bilinear"] = "guided"
     guided_radius: int = 2
-    guided_eps: float = 1e-4
+    guided_eps: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.encode_instances < 0:
