@@ -40,6 +40,24 @@ PREPROCESSING["unit"] = lambda rgb, spec: _nhwc(rgb, spec, 0.0)
 PREPROCESSING["signed"] = lambda rgb, spec: _nhwc(rgb, spec, -1.0)
 
 
+def _ddcolor(rgb: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """DDColor's input: the photo's "grey RGB" (its L with a = b = 0) at the network's side."""
+    from imgpipe.ensembles.colorize import network_input
+
+    return network_input(torch.from_numpy(np.array(rgb)), spec.static_shape[-1]).numpy()
+
+
+def _unit_chw(rgb: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """RGB /255 stretched to the input's C×H×W (bilinear, antialiased): e.g. Deep3DFaceRecon's regressor,
+    calibrated on whole photos of faces, a proxy for its aligned 224² face crops."""
+    unit = background.preprocess(torch.from_numpy(np.array(rgb)), tuple(spec.static_shape[1:]), "selfie")
+    return unit.permute(2, 0, 1).contiguous().numpy()
+
+
+PREPROCESSING["ddcolor"] = _ddcolor
+PREPROCESSING["unit_chw"] = _unit_chw
+
+
 def load_rgb(manifest: Manifest, name: str) -> np.ndarray:
     if name in SAMPLES:
         array = sample_array(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Annotated
@@ -324,34 +325,17 @@ def serve(
     raise typer.Exit(_serve_until(server, stop))
 
 
-def remove_background_files(
-    images: list[Path],
-    out_dir: Path,
-    url: str | None,
-    protocol: str,
-    concurrency: int,
-    mode: str,
-    background: str | None,
-    fmt: str = "png",
+def _each_file(
+    images: list[Path], label: str, one: Callable[[Path], Path], concurrency: int
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Send every image, write ``<out_dir>/<stem>.<png|webp|jpg>`` (``fmt``); returns (written, [(image, error)])."""
-    from imgpipe.clients.remove_background import SUFFIXES, remove_background
-    from imgpipe.clients.triton import InferenceError, TritonClient
+    """``one(image)`` for every image, ``concurrency`` at a time, under a progress bar; returns (written,
+    [(image, error)]) — a server's refusal or a file error fails that image only."""
+    from imgpipe.clients.triton import InferenceError
 
-    client = TritonClient(url, protocol)  # type: ignore[arg-type]
-    out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     failed: list[tuple[Path, str]] = []
-
-    def one(path: Path) -> Path:
-        result = remove_background(client, path.read_bytes(), mode=mode, background=background, fmt=fmt)  # type: ignore[arg-type]
-        target = out_dir / f"{path.stem}{SUFFIXES[fmt]}"
-        target.write_bytes(result)
-        return target
-
-    columns = (TextColumn("remove-bg"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with (
-        client,
         Progress(*columns, console=console, disable=len(images) < 2) as progress,
         ThreadPoolExecutor(max(1, concurrency)) as pool,
     ):
@@ -367,6 +351,33 @@ def remove_background_files(
                 failed.append((path, str(exc)))
             progress.advance(task)
     return written, failed
+
+
+def remove_background_files(
+    images: list[Path],
+    out_dir: Path,
+    url: str | None,
+    protocol: str,
+    concurrency: int,
+    mode: str,
+    background: str | None,
+    fmt: str = "png",
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Send every image, write ``<out_dir>/<stem>.<png|webp|jpg>`` (``fmt``); returns (written, [(image, error)])."""
+    from imgpipe.clients.remove_background import SUFFIXES, remove_background
+    from imgpipe.clients.triton import TritonClient
+
+    client = TritonClient(url, protocol)  # type: ignore[arg-type]
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def one(path: Path) -> Path:
+        result = remove_background(client, path.read_bytes(), mode=mode, background=background, fmt=fmt)  # type: ignore[arg-type]
+        target = out_dir / f"{path.stem}{SUFFIXES[fmt]}"
+        target.write_bytes(result)
+        return target
+
+    with client:
+        return _each_file(images, "remove-bg", one, concurrency)
 
 
 @app.command("remove-bg")
@@ -399,6 +410,91 @@ def remove_bg(
         err.print(f"[red]{path}[/]: {message}", highlight=False)
     if failed:
         raise typer.Exit(1)
+
+
+def colorize_files(
+    images: list[Path],
+    out_dir: Path,
+    url: str | None,
+    protocol: str,
+    concurrency: int,
+    fmt: str = "png",
+    size: int = 512,
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Colorize every image, write ``<out_dir>/<stem>.<png|webp|jpg>``; returns (written, [(image, error)])."""
+    from imgpipe.clients.colorize import SUFFIXES, colorize_one
+    from imgpipe.clients.triton import TritonClient
+
+    client = TritonClient(url, protocol)  # type: ignore[arg-type]
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def one(path: Path) -> Path:
+        target = out_dir / f"{path.stem}{SUFFIXES[fmt]}"
+        target.write_bytes(colorize_one(client, path.read_bytes(), fmt=fmt, size=size))  # type: ignore[arg-type]
+        return target
+
+    with client:
+        return _each_file(images, "colorize", one, concurrency)
+
+
+@app.command("colorize")
+def colorize_cmd(
+    images: Annotated[list[Path], typer.Argument(help="JPEG/PNG/WebP files.", exists=True, dir_okay=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the results.")] = Path("out"),
+    url: Annotated[str | None, typer.Option(help="Server address (default localhost:8001 gRPC, :8000 HTTP).")] = None,
+    protocol: ProtocolOpt = "grpc",
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 4,
+    fmt: Annotated[
+        str, typer.Option("--format", help="png, webp or jpeg (not for images with an alpha channel).")
+    ] = "png",
+    size: Annotated[int, typer.Option(help="The colorizer's input side: 512 (DDColor's) or 256 (faster).")] = 512,
+) -> None:
+    """Colorize IMAGES through the server (DDColor contract: the lightness is kept, the colour comes from
+    the colorizer network); writes OUTPUT/<name>.png (.webp, .jpg) at each input's size."""
+    from imgpipe.clients.colorize import SUFFIXES
+    from imgpipe.pipelines.colorize import SIZES
+
+    fmt = fmt.strip().lower()
+    if fmt not in SUFFIXES:
+        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(SUFFIXES)}", param_hint="--format")
+    if str(size) not in SIZES:
+        raise typer.BadParameter(f"{size} is not one of {', '.join(SIZES)}", param_hint="--size")
+    written, failed = colorize_files(images, output, url, protocol, concurrency, fmt, size)
+    for path in sorted(written):
+        console.print(f"wrote {path}")
+    for path, message in failed:
+        err.print(f"[red]{path}[/]: {message}", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("reconstruct")
+def reconstruct_cmd(
+    images: Annotated[list[Path], typer.Argument(help="JPEG/PNG/WebP files.", exists=True, dir_okay=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the results.")] = Path("out"),
+    fmt: Annotated[
+        str, typer.Option("--format", help="glb (web viewers), obj (face.obj + .mtl + .png) or ply.")
+    ] = "glb",
+    method: Annotated[
+        str | None, typer.Option(help="mesh (MediaPipe face mesh) or 3dmm (Deep3DFaceRecon); default: the manifest's.")
+    ] = None,
+    faces: Annotated[str, typer.Option(help="all, largest, or an index (best score first).")] = "all",
+    preview: Annotated[bool, typer.Option(help="Also write <name>_preview.png (the mesh rendered).")] = True,
+    url: Annotated[str | None, typer.Option(help="Server address (default localhost:8001 gRPC, :8000 HTTP).")] = None,
+    protocol: ProtocolOpt = "grpc",
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 2,
+) -> None:
+    """Reconstruct each face of IMAGES as a textured 3D mesh through the server: writes OUTPUT/<name>_face<i>
+    (.glb, .ply, or a folder with face.obj, face.mtl, face.png), <name>.json (boxes, pose, coefficients)
+    and the preview."""
+    from imgpipe.clients.reconstruct import main
+
+    code = main(
+        images, output, fmt=fmt, method=method, faces=faces, preview=preview, url=url,
+        protocol=protocol, concurrency=concurrency, console=console, err=err,
+    )  # fmt: skip
+    if code:
+        raise typer.Exit(code)
 
 
 def draw_faces(image: bytes, faces: list, target: Path) -> None:
@@ -575,7 +671,27 @@ def demo(
             for path, message in failed:
                 err.print(f"[red]{path}[/]: {message}")
             console.print(f"remove_background ({mode}): {len(written)} PNGs in {folder}")
+        # colorize: every sample (camera is greyscale), when the manifest serves it.
+        declared = _load(manifest, None)
+        if "colorize" in declared.pipelines:
+            written, failed = colorize_files(samples, output / "colorize", server.grpc_url, "grpc", 2)
+            failures += len(failed)
+            for path, message in failed:
+                err.print(f"[red]{path}[/]: {message}")
+            colorizer = declared.network(declared.pipelines["colorize"].network)
+            untrained = colorizer.source.kind == "reference"
+            note = " (UNTRAINED reference colorizer: the colours are meaningless)" if untrained else ""
+            console.print(f"colorize: {len(written)} PNGs in {output / 'colorize'}{note}")
         failures += _demo_faces(samples, output / "faces", server.grpc_url)
+        # reconstruct_face: the astronaut's face as GLB (opens in any web glTF viewer) with its preview.
+        if "reconstruct_face" in declared.pipelines:
+            from imgpipe.clients.reconstruct import main as reconstruct
+
+            astronaut = [p for p in samples if p.stem == "astronaut"]
+            folder = output / "reconstruct"
+            code = reconstruct(astronaut, folder, preview=True, url=server.grpc_url, console=console, err=err)
+            failures += code != 0
+            console.print(f"reconstruct_face (mesh): GLB, JSON and preview in {folder}")
     finally:
         server.stop()
     console.print(

@@ -129,6 +129,8 @@ def test_repository_configs_parse_and_follow_the_manifest(repository: Path, test
         "remove_background",
         "detect_faces",
         "swap_face",
+        "colorize",
+        "reconstruct_face",
     }
     seg = configs["segmenter"]
     net = test_manifest.network("segmenter")

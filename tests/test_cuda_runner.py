@@ -23,7 +23,12 @@ from imgpipe.manifest import Manifest, ManifestError, parse_manifest
 from tests.conftest import manifest_data
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
-NETWORKS = ("segmenter", "pnet", "rnet", "onet", "recognizer", "swapper", "selfie_segmenter", "blazeface", "face_mesh")
+NETWORKS = (
+    "segmenter", "pnet", "rnet", "onet", "recognizer",
+    "swapper",
+    "selfie_segmenter", "blazeface", "face_mesh",
+    "colorizer", "face_regressor",
+)
 
 
 @pytest.fixture(scope="module")

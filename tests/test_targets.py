@@ -227,3 +227,16 @@ def test_rollback_reaches_a_polling_server(test_manifest: Manifest, tmp_path: Pa
             time.sleep(0.5)
         assert not client.is_model_ready("segmenter", "2")
         client.close()  # an open keep-alive connection would hold Triton's shutdown for its exit timeout
+
+
+@pytest.mark.parametrize("name", ["colorizer", "face_regressor"])
+def test_the_new_services_networks_build_in_int8_through_the_gate(tmp_path: Path, name: str) -> None:
+    """The colorizer and the 3DMM regressor take INT8 (QDQ, calibrated on photos through their own
+    preprocessing: DDColor's grey RGB, RGB /255) and pass their tolerance like every other network."""
+    manifest = _manifest(tmp_path)
+    net = manifest.network(name)
+    assert net.calibration.preprocessing in ("ddcolor", "unit_chw")
+    (built,) = build_repository(manifest, tmp_path / "repo", BuildOptions(precision="int8"), models=[name])
+    error = built.gate[0]
+    print(f"{name} int8: max abs {error.max_abs:.4g}, mean abs {error.mean_abs:.4g}, psnr {error.psnr}")
+    assert error.passed and 0 < error.max_abs <= net.tolerance.max_abs  # quantised: not bit-exact, within the gate

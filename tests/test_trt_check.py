@@ -19,7 +19,12 @@ from imgpipe.build.trt_check import TrtCheckError, check_manifest, check_network
 from imgpipe.manifest import Manifest, parse_manifest
 from tests.conftest import manifest_data
 
-NETWORKS = {"segmenter", "pnet", "rnet", "onet", "recognizer", "swapper", "selfie_segmenter", "blazeface", "face_mesh"}
+NETWORKS = {
+    "segmenter", "pnet", "rnet", "onet", "recognizer",
+    "swapper",
+    "selfie_segmenter", "blazeface", "face_mesh",
+    "colorizer", "face_regressor",
+}
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from imgpipe.build.networks import recognizer, segmenter, swapper
+from imgpipe.build.networks import colorizer, face_regressor, recognizer, segmenter, swapper
 
 ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     "segmenter": segmenter.build,
     "recognizer": recognizer.build,
     "swapper": swapper.build,
+    "colorizer": colorizer.build,
+    "face_regressor": face_regressor.build,
 }
 
 

@@ -8,17 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from imgpipe.manifest import Instances, Manifest, ManifestError
-from imgpipe.pipelines.registry import (
-    IO,
-    BuildContext,
-    Contract,
-    Param,
-    Pipeline,
-    network_roles,
-    python_model,
-    register,
-    settings_json,
-)
+from imgpipe.pipelines.registry import IO, BuildContext, Contract, Param, Pipeline, bls_model, register, settings_json
 
 IMAGE = IO("IMAGE", "BYTES", (1,), "encoded image: JPEG, PNG or WebP bytes, EXIF orientation applied")
 BOXES = IO(
@@ -140,17 +130,12 @@ class DetectFaces(Pipeline):
         from imgpipe.ensembles.detect_faces import DetectFaces as Step
 
         return [
-            python_model(
-                CONTRACT.model,
+            bls_model(
+                CONTRACT,
                 Step,
-                settings=settings,
-                inputs=tuple(i.tensor() for i in CONTRACT.inputs),
-                outputs=tuple(o.tensor() for o in CONTRACT.outputs),
-                instances=settings.instances,
-                contract=CONTRACT,
-                networks=network_roles(
-                    ctx.manifest, {**detector_roles(settings), **({"mesh": settings.mesh} if settings.mesh else {})}
-                ),
+                settings,
+                ctx.manifest,
+                {**detector_roles(settings), **({"mesh": settings.mesh} if settings.mesh else {})},
                 extra={"imgpipe.detector": settings_json(settings)},
             )
         ]

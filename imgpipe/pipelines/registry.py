@@ -219,7 +219,7 @@ class Pipeline:
 
 
 PIPELINES: dict[str, Pipeline] = {}
-_BUILTIN = ("remove_background", "detect_faces", "swap_face")
+_BUILTIN = ("remove_background", "detect_faces", "swap_face", "colorize", "reconstruct_face")
 
 
 def register(cls: type[Pipeline]) -> type[Pipeline]:
@@ -313,6 +313,31 @@ def python_model(
         batching=Batching(max_batch_size=max_batch_size) if dynamic_batching and max_batch_size else None,
         instance_groups=instance_groups(instances),
         parameters=parameters,
+    )
+
+
+def bls_model(
+    contract: Contract,
+    step: type,
+    settings: Any,
+    manifest: Manifest,
+    roles: Mapping[str, str],
+    served: Contract | None = None,
+    **options: Any,
+) -> ModelSpec:
+    """The one Python-backend model of a BLS pipeline: its name and tensors from ``contract``, the
+    contract a client sees from ``served`` (default ``contract``), the networks it calls by role, the
+    settings' instances; ``options`` go to :func:`python_model` (``max_batch_size``, ``extra``, …)."""
+    return python_model(
+        contract.model,
+        step,
+        settings=settings,
+        inputs=tuple(i.tensor() for i in contract.inputs),
+        outputs=tuple(o.tensor() for o in contract.outputs),
+        instances=settings.instances,
+        contract=served or contract,
+        networks=network_roles(manifest, roles),
+        **options,
     )
 
 

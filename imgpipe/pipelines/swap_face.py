@@ -19,17 +19,7 @@ from typing import Any, Literal
 
 from imgpipe.manifest import Instances, ManifestError
 from imgpipe.pipelines import detect_faces
-from imgpipe.pipelines.registry import (
-    IO,
-    BuildContext,
-    Contract,
-    Param,
-    Pipeline,
-    network_roles,
-    python_model,
-    register,
-    settings_json,
-)
+from imgpipe.pipelines.registry import IO, BuildContext, Contract, Param, Pipeline, bls_model, register, settings_json
 
 FORMATS = ("png", "jpeg")
 EMAP_FILE = "emap.npy"
@@ -115,17 +105,7 @@ class SwapFace(Pipeline):
         detect: detect_faces.Settings = ctx.settings("detect_faces")
         roles = {**detect_faces.detector_roles(detect), **self.networks(settings)}
         return [
-            python_model(
-                CONTRACT.model,
-                Step,
-                settings=settings,
-                inputs=tuple(i.tensor() for i in CONTRACT.inputs),
-                outputs=tuple(o.tensor() for o in CONTRACT.outputs),
-                instances=settings.instances,
-                contract=CONTRACT,
-                networks=network_roles(ctx.manifest, roles),
-                extra={"imgpipe.detector": settings_json(detect)},
-            )
+            bls_model(CONTRACT, Step, settings, ctx.manifest, roles, extra={"imgpipe.detector": settings_json(detect)})
         ]
 
     def assets(self, ctx: BuildContext, settings: Settings) -> dict[str, dict[str, bytes]]:
