@@ -497,6 +497,154 @@ def reconstruct_cmd(
         raise typer.Exit(code)
 
 
+@app.command("loadtest")
+def loadtest_cmd(
+    pipeline: Annotated[str, typer.Argument(help="remove_background, detect_faces, swap_face, colorize, ...")],
+    users: Annotated[int, typer.Option(help="Concurrent users (each a closed loop: the concurrency).")] = 8,
+    spawn_rate: Annotated[float, typer.Option(help="Users started per second.")] = 8.0,
+    duration: Annotated[str, typer.Option(help="How long: 60s, 2m, ... (the run stops by itself).")] = "60s",
+    url: Annotated[str | None, typer.Option(help="Server address (default localhost:8001 gRPC, :8000 HTTP).")] = None,
+    protocol: ProtocolOpt = "grpc",
+    sizes: Annotated[str, typer.Option(help="Image size mix: WIDTHxHEIGHT[:WEIGHT],... (JPEG photos).")] = "1024x768",
+    shape: Annotated[str, typer.Option(help="constant, ramp (1 to users over the run) or step.")] = "constant",
+    step_users: Annotated[int, typer.Option(help="--shape step: users added per step.")] = 1,
+    step_seconds: Annotated[float, typer.Option(help="--shape step: seconds per step.")] = 10.0,
+    max_requests: Annotated[int, typer.Option(help="Request budget: the run stops after this many.")] = 100_000,
+    think_ms: Annotated[float, typer.Option(help="Mean pause between a user's requests (0: closed loop).")] = 0.0,
+    metrics_url: Annotated[str | None, typer.Option(help="Triton's metrics endpoint (default: host:8002).")] = None,
+    prometheus: Annotated[bool, typer.Option(help="Collect metrics through a real Prometheus where installed.")] = True,
+    ui: Annotated[bool, typer.Option(help="Show Locust's web UI (http://127.0.0.1:8089) during the run.")] = False,
+    cross_check: Annotated[
+        bool, typer.Option(help="Then measure the same scenario with perf_analyzer and compare.")
+    ] = False,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Reports go to OUTPUT/PIPELINE-TIME/.")] = ROOT
+    / "out"
+    / "loadtest",
+) -> None:
+    """Load-test a running server with Locust: real JPEG photos, every request a Locust event
+    (PIPELINE:OUTCOME), Triton's metrics over the window; writes Locust's CSV and HTML, the metrics, a
+    summary and a plot."""
+    import time as _time
+
+    from imgpipe.clients.triton import DEFAULT_URLS
+    from imgpipe.loadtest.run import LoadTest, parse_duration, run
+
+    try:
+        test = LoadTest(
+            pipeline, users, spawn_rate, parse_duration(duration), url or DEFAULT_URLS[protocol], protocol,  # type: ignore[arg-type]
+            sizes, shape, step_users, step_seconds, max_requests, think_ms, metrics_url=metrics_url,  # type: ignore[arg-type]
+            prometheus=prometheus, ui=ui, cross_check=cross_check,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    folder = output / f"{pipeline}-{_time.strftime('%Y%m%d-%H%M%S')}"
+    report = run(test, folder, console=console)
+    show_loadtest(report)
+    if report.unexpected_failures or not report.ok:
+        raise typer.Exit(1)
+
+
+def show_loadtest(report) -> None:  # type: ignore[no-untyped-def]
+    """The run's outcomes and the models' window figures, as tables."""
+    table = Table(title=f"{report.test.pipeline}: {report.throughput:.2f} ok requests/s over {report.seconds:.0f} s")
+    for column in ("outcome", "requests", "p50 ms", "p99 ms", "mean ms"):
+        table.add_column(column, justify="right" if column != "outcome" else "left")
+    for kind, o in report.outcomes.items():
+        style = "" if kind == "ok" else "yellow" if kind == "queue_full" else "red"
+        table.add_row(kind, str(o.requests), f"{o.p50_ms:.0f}", f"{o.p99_ms:.0f}", f"{o.mean_ms:.0f}", style=style)
+    console.print(table)
+    models = Table(title=f"Triton over the window ({report.metrics_source} metrics)")
+    for column in ("model", "requests", "failed", "batch size", "queue ms", "compute ms"):
+        models.add_column(column, justify="right" if column != "model" else "left")
+    for m in report.models.values():
+        models.add_row(
+            m.model, str(m.requests), str(m.failures), f"{m.batch_size or 0:.2f}", f"{m.queue_ms or 0:.1f}",
+            f"{m.compute_ms or 0:.1f}",
+        )  # fmt: skip
+    console.print(models)
+    for uuid, gpu in report.gpus.items():
+        console.print(f"GPU {uuid}: utilisation mean {gpu['utilization_mean']:.0%}, peak memory"
+                      f" {gpu.get('memory_used_max', 0) / 2**30:.2f} GiB")  # fmt: skip
+    for error in report.metrics_errors[:5]:
+        err.print(f"[yellow]metrics: {error}[/]")
+    check = report.cross_check
+    if check and "error" in check:
+        err.print(f"[yellow]perf_analyzer cross-check failed: {check['error'][-300:]}[/]", markup=False)
+    elif check:
+        console.print(
+            f"perf_analyzer, same scenario: {check['perf_analyzer_throughput_per_s']:.2f}/s (p99"
+            f" {check['perf_analyzer_p99_ms']:.0f} ms); Locust/perf_analyzer = {check['locust_over_perf_analyzer']:.2f}"
+            + ("" if check["agree_within_15_percent"] else " — the tools disagree by more than 15 %")
+        )
+    console.print(f"report in {report.folder} (report.html, report.png, locust_*.csv, requests.csv, metrics.json)")
+
+
+@app.command("tune")
+def tune_cmd(
+    pipeline: Annotated[str, typer.Argument(help="The pipeline to tune (as in the manifest).")],
+    budget_ms: Annotated[float, typer.Option(help="Latency budget: the winner's p99 must stay under it.")],
+    trials: Annotated[int, typer.Option(help="Trials at most (1: unbatched, 2: the manifest as it is, ...).")] = 8,
+    users: Annotated[int, typer.Option(help="Concurrency of every trial (Locust users).")] = 8,
+    trial_seconds: Annotated[float, typer.Option(help="Seconds of load per trial.")] = 20.0,
+    sizes: Annotated[str, typer.Option(help="Image size mix: WIDTHxHEIGHT[:WEIGHT],...")] = "1024x768",
+    protocol: ProtocolOpt = "grpc",
+    manifest: Annotated[Path, typer.Option(help="The manifest to tune and write back.")] = DEFAULT_MANIFEST,
+    write: Annotated[bool, typer.Option("--write", help="Apply the winning values to the manifest.")] = False,
+    prometheus: Annotated[bool, typer.Option(help="Collect each trial's metrics through Prometheus.")] = False,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Reports go to OUTPUT/PIPELINE-TIME/.")] = ROOT
+    / "out"
+    / "tune",
+) -> None:
+    """Tune PIPELINE's serving configuration (batching, queue delay, instances, queue policy) with Locust
+    trials on a server of its own, pick the highest throughput whose p99 is under --budget-ms, show the
+    manifest diff, and with --write apply it (comments and layout kept)."""
+    import time as _time
+
+    from rich.markup import escape
+
+    from imgpipe.loadtest.tune import Tuner, diff, write_back
+
+    folder = output / f"{pipeline}-{_time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        tuner = Tuner(
+            pipeline, manifest, folder, budget_ms, trials, users, trial_seconds, sizes, protocol,
+            prometheus=prometheus, console=console,
+        )  # fmt: skip
+        best = tuner.run()
+    except (ValueError, OSError) as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    table = Table(
+        title=f"imgpipe tune {pipeline}: {users} users, {trial_seconds:g} s per trial, budget p99 {budget_ms:g} ms"
+    )
+    for column in ("#", "trial", "throughput/s", "p50 ms", "p99 ms", "failed", "within budget"):
+        table.add_column(column, justify="left" if column == "trial" else "right")
+    for t in tuner.results:
+        mark = "[green]best[/]" if t is best else ("yes" if t.within_budget else "no")
+        table.add_row(
+            str(t.number), escape(t.label), f"{t.throughput:.2f}", f"{t.p50_ms or 0:.0f}", f"{t.p99_ms or 0:.0f}",
+            str(t.failures) if not t.error else f"[red]{escape(t.error[:60])}[/]", mark,
+        )  # fmt: skip
+    console.print(table)
+    console.print(tuner.explanation())
+    console.print(f"report: {folder / 'tune.json'}, {folder / 'tune.png'}")
+    if best is None:
+        raise typer.Exit(1)
+    if not best.within_budget:
+        err.print(f"[yellow]no trial kept p99 under {budget_ms:g} ms; the lowest p99 is shown, nothing is written[/]")
+        raise typer.Exit(1)
+    before, after = write_back(manifest, tuner.winning_assignments())
+    if before == after:
+        console.print("the manifest already has the winning values")
+        return
+    console.print(diff(before, after, manifest), markup=False, highlight=False, soft_wrap=True)
+    if write:
+        manifest.write_text(after)
+        console.print(f"wrote {manifest}")
+    else:
+        console.print("(--write applies it)")
+
+
 def draw_faces(image: bytes, faces: list, target: Path) -> None:
     """The image with each face's box and five landmarks drawn, and its face mesh (the triangles' edges)
     where the faces carry one, as PNG."""
@@ -778,6 +926,7 @@ def bench(
             f" FP32 {memory['fp32_bytes'] / 2**30:.1f} GiB ({memory['fp16_over_fp32']:.0%})"
         )
     console.print(f"wrote {output / 'bench.json'} and the plots bench_<pipeline>.png")
+
 
 if __name__ == "__main__":
     app()
