@@ -618,7 +618,7 @@ def tune_cmd(
         title=f"imgpipe tune {pipeline}: {users} users, {trial_seconds:g} s per trial, budget p99 {budget_ms:g} ms"
     )
     for column in ("#", "trial", "throughput/s", "p50 ms", "p99 ms", "failed", "within budget"):
-        table.add_column(column, justify="left" if column == "trial" else "right")
+        table.add_column(column, justify="left" if column == "trial" else "right", overflow="fold")
     for t in tuner.results:
         mark = "[green]best[/]" if t is best else ("yes" if t.within_budget else "no")
         table.add_row(

@@ -364,10 +364,13 @@ def plot(report: Report, requests: Requests, history: list[dict[str, Any]], seri
     (tput, latency), (times, batch) = axes
     if len(requests.end):
         t = requests.end - report.started
-        edges = np.arange(0.0, math.ceil(t.max()) + 1.0, 1.0)
+        width = max(1.0, round(float(t.max()) / 30))  # about 30 bins: batches finish in bursts
+        edges = np.arange(0.0, math.ceil(t.max()) + width, width)
         ok = requests.outcome == "ok"
-        tput.plot(edges[1:], np.histogram(t[ok], edges)[0], label="ok / s", drawstyle="steps-pre")
-        tput.plot(edges[1:], np.histogram(t[~ok], edges)[0], label="failed / s", color="tab:red", drawstyle="steps-pre")
+        for mask, label, colour in ((ok, "ok / s", "tab:blue"), (~ok, "failed / s", "tab:red")):
+            tput.plot(
+                edges[1:], np.histogram(t[mask], edges)[0] / width, label=label, color=colour, drawstyle="steps-pre"
+            )
         windows = np.arange(0.0, edges[-1] + 2.0, 2.0)
         centres, p50, p99 = [], [], []
         for lo, hi in itertools.pairwise(windows):
@@ -385,7 +388,7 @@ def plot(report: Report, requests: Requests, history: list[dict[str, Any]], seri
                    color="grey", linestyle=":")  # fmt: skip
         users.set_ylabel("users (dotted)")
         users.set_ylim(bottom=0)
-    tput.set(title="throughput", xlabel="seconds since the start", ylabel="requests / s")
+    tput.set(title="throughput (per bin of a few seconds)", xlabel="seconds since the start", ylabel="requests / s")
     latency.set(title="latency of ok requests, per 2 s", xlabel="seconds since the start", ylabel="ms")
     busiest = sorted(report.models.values(), key=lambda m: -(m.request_ms or 0) * m.requests)[:4]
     offset = series[0][0] - report.started if series else 0.0
