@@ -145,3 +145,34 @@ def test_http_run_is_bounded_by_its_request_budget_and_scrapes_directly(server, 
     total = sum(o.requests for o in report.outcomes.values())
     assert 6 <= total <= 6 + test.users and report.unexpected_failures == 0
     assert report.metrics_source == "direct" and report.models["detect_faces"].requests >= report.ok
+
+
+@pytest.mark.server
+def test_ui_mode_serves_locusts_web_ui_and_still_stops_by_itself(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    import urllib.request
+
+    from imgpipe.server import free_ports
+
+    (port,) = free_ports(1)
+    pages: list[bytes] = []
+
+    def fetch() -> None:
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as response:
+                    pages.append(response.read())
+                    return
+            except OSError:
+                threading.Event().wait(0.1)
+
+    watcher = threading.Thread(target=fetch, daemon=True)
+    watcher.start()
+    test = LoadTest(
+        "colorize", users=1, spawn_rate=1, duration_s=6, url=server.grpc_url, sizes="160x120", ui=True,
+        web_port=port, metrics_url=server.metrics_url, prometheus=False,
+    )  # fmt: skip
+    report = run(test, tmp_path / "run")
+    watcher.join(timeout=5)
+    assert pages and b"locust" in pages[0].lower()  # the web UI answered during the run
+    assert report.ok > 0 and report.unexpected_failures == 0 and report.seconds < 40
