@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt setup.cfg
+$(STAMP): pyproject.toml constraints.txt constraints-checkov.txt setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU build on disk; the package extras then find it satisfied.
@@ -29,6 +29,11 @@ $(STAMP): pyproject.toml constraints.txt setup.cfg
 	$(BIN)/python -c "import sys, imgpipe.loadtest.perf_analyzer as pa; sys.exit(pa.unavailable_reason())"
 	# Prometheus for `imgpipe loadtest` (Debian's static binary, unpacked the same way, no service started).
 	scripts/unpack-deb.sh prometheus $(VENV)/opt/debian usr/bin/prometheus
+	# Deployment checks (tests/test_deploy.py): kubectl's built-in kustomize (Debian's kubernetes-client) renders
+	# the overlays; checkov scans them from a venv of its own (it pins packages imgpipe's venv should not get).
+	scripts/unpack-deb.sh kubernetes-client $(VENV)/opt/debian usr/bin/kubectl
+	test -x $(VENV)/opt/checkov/bin/checkov || { $(PYTHON) -m venv $(VENV)/opt/checkov && \
+	  $(VENV)/opt/checkov/bin/pip install --quiet -c constraints-checkov.txt checkov; }
 	touch $(STAMP)
 
 build: install
