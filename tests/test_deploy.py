@@ -115,3 +115,56 @@ def test_kserve_alternative_uses_the_triton_runtime() -> None:
     model = service["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "triton" and model["runtime"] == "kserve-tritonserver"
     assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+# --- the local stack (deploy/compose) -------------------------------------------------------------------------
+
+
+def test_the_committed_stack_files_are_what_the_code_generates() -> None:
+    from imgpipe import deploy
+
+    for name, text in deploy.files().items():
+        assert (deploy.COMPOSE / name).read_text() == text, f"deploy/compose/{name}: run `imgpipe deploy-configs`"
+
+
+def test_promtool_accepts_the_generated_prometheus_config() -> None:
+    promtool = _tool("promtool", VENV_OPT / "debian" / "usr" / "bin" / "promtool")
+    result = subprocess.run([promtool, "check", "config", str(ROOT / "deploy" / "compose" / "prometheus.yml")],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0 and "SUCCESS" in result.stdout + result.stderr, result.stderr
+
+
+def test_compose_file_is_valid_and_lint_clean() -> None:
+    import compose_spec
+
+    compose = ROOT / "deploy" / "compose"
+    stack = compose_spec.PyCompose.from_yaml((compose / "compose.yaml").read_text())
+    assert stack.service_names() == ["tritonserver", "prometheus", "grafana"]
+    stack.validate()
+    with pytest.raises(ValueError, match="extension key"):  # the validator refuses unknown keys
+        compose_spec.PyCompose.from_yaml("services:\n  a:\n    image: x\n    prots: [1]\n")
+    lint = _tool("compose-lint", ROOT / ".venv" / "bin" / "compose-lint")
+    result = subprocess.run(
+        [lint, "check", "--fail-on", "low", "--strict-config", "--config", str(compose / ".compose-lint.yml"),
+         str(compose / "compose.yaml")], capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:]
+
+
+@pytest.mark.server
+def test_dashboard_queries_metrics_triton_exports_and_prometheus_scrapes_them(server) -> None:  # type: ignore[no-untyped-def]
+    from imgpipe import deploy
+    from imgpipe.benchmark import fetch_metrics, parse_prometheus
+    from imgpipe.loadtest.metrics import PrometheusServer
+
+    exported = {s.name for s in parse_prometheus(fetch_metrics(server.metrics_url))}
+    queried = deploy.queried_metrics(deploy.dashboard())
+    assert queried - deploy.GPU_METRICS <= exported, queried - exported  # GPU metrics: only with a GPU
+    # A real Prometheus with the config code the stack's file comes from, scraping the real server.
+    target = server.metrics_url.split("//", 1)[1].split("/", 1)[0]
+    prometheus = PrometheusServer(target).start()
+    try:
+        series = prometheus.query("nv_inference_request_success")
+        assert {s["metric"]["model"] for s in series} >= {"remove_background", "detect_faces", "colorize"}
+    finally:
+        prometheus.close()
