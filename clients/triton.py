@@ -3,11 +3,18 @@
 :class:`TritonClient` is safe to share between threads: each thread gets its own tritonclient
 connection (the HTTP client is not thread-safe). Server errors become :class:`InferenceError`, which
 keeps the protocol's status (``StatusCode.INVALID_ARGUMENT`` / ``400``) and Triton's message.
+
+Security options (see README "Running it safely"): ``headers`` are sent with every call; ``admin_key`` is the
+key of a server started with restricted APIs (``imgpipe serve --admin-key``), sent as the header that
+protocol expects; ``ssl`` (gRPC only) connects over TLS, verifying the server against ``root_certificates``
+and presenting ``certificate_chain`` + ``private_key`` for mutual TLS (PEM file paths).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -16,6 +23,13 @@ from imgpipe.dtypes import triton_name
 
 Protocol = Literal["grpc", "http"]
 DEFAULT_URLS: dict[str, str] = {"grpc": "localhost:8001", "http": "localhost:8000"}
+DEFAULT_ADMIN_HEADER = "imgpipe-admin-key"  # the header `imgpipe serve --admin-key` checks
+GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"  # Triton prefixes a gRPC restricted-protocol header with it
+
+
+def admin_headers(protocol: Protocol, key: str, header: str = DEFAULT_ADMIN_HEADER) -> dict[str, str]:
+    """The header carrying the admin ``key`` of a server with restricted APIs, as ``protocol`` sends it."""
+    return {f"{GRPC_RESTRICTED_PREFIX}{header}" if protocol == "grpc" else header: key}
 
 
 def check_protocol(protocol: str) -> Protocol:
@@ -39,10 +53,35 @@ class InferenceError(RuntimeError):
 
 
 class TritonClient:
-    def __init__(self, url: str | None = None, protocol: Protocol = "grpc", timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: Protocol = "grpc",
+        timeout_s: float = 120.0,
+        *,
+        headers: Mapping[str, str] | None = None,
+        admin_key: str | None = None,
+        admin_header: str = DEFAULT_ADMIN_HEADER,
+        ssl: bool = False,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+    ) -> None:
         self.protocol = check_protocol(protocol)
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s = timeout_s
+        self.headers: dict[str, str] = dict(headers or {})
+        if admin_key is not None:
+            self.headers.update(admin_headers(self.protocol, admin_key, admin_header))
+        files = dict(root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain)
+        ssl = ssl or any(f is not None for f in files.values())  # a certificate file implies TLS
+        if ssl and self.protocol != "grpc":
+            raise ValueError("TLS is offered on gRPC only (Triton's HTTP endpoint has none): use protocol='grpc'")
+        if (private_key is None) != (certificate_chain is None):
+            raise ValueError("mutual TLS needs both private_key and certificate_chain")
+        self.ssl = ssl
+        tls = {"ssl": True, **{k: None if f is None else str(f) for k, f in files.items()}}
+        self._tls: dict[str, Any] = tls if ssl else {}
         self._local = threading.local()
         self._opened: list[Any] = []  # every thread's connection, so close() reaches them all
         self._lock = threading.Lock()
@@ -60,7 +99,7 @@ class TritonClient:
         client = getattr(self._local, "client", None)
         if client is None:
             if self.protocol == "grpc":
-                client = self._module.InferenceServerClient(self.url)
+                client = self._module.InferenceServerClient(self.url, **self._tls)
             else:
                 client = self._module.InferenceServerClient(
                     self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
@@ -71,10 +110,25 @@ class TritonClient:
         return client
 
     def is_ready(self, model: str | None = None) -> bool:
+        headers = self.headers or None
         try:
-            return bool(self.connection.is_model_ready(model) if model else self.connection.is_server_ready())
+            if model:
+                return bool(self.connection.is_model_ready(model, headers=headers))
+            return bool(self.connection.is_server_ready(headers=headers))
         except Exception:
             return False
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Any tritonclient call with this client's headers, e.g. ``call("get_model_repository_index")``
+        or ``call("update_log_settings", {...})``; a refusal raises :class:`InferenceError`."""
+        from tritonclient.utils import InferenceServerException
+
+        if self.headers:
+            kwargs.setdefault("headers", self.headers)
+        try:
+            return getattr(self.connection, method)(*args, **kwargs)
+        except InferenceServerException as exc:
+            raise InferenceError(str(exc.status()), exc.message() or str(exc)) from None
 
     def infer(
         self,
@@ -101,10 +155,13 @@ class TritonClient:
         try:
             if self.protocol == "grpc":
                 result = self.connection.infer(
-                    model, infer_inputs, outputs=requested, client_timeout=self.timeout_s, parameters=parameters
-                )
+                    model, infer_inputs, outputs=requested, client_timeout=self.timeout_s, parameters=parameters,
+                    headers=self.headers or None,
+                )  # fmt: skip
             else:
-                result = self.connection.infer(model, infer_inputs, outputs=requested, parameters=parameters)
+                result = self.connection.infer(
+                    model, infer_inputs, outputs=requested, parameters=parameters, headers=self.headers or None
+                )
         except InferenceServerException as exc:
             raise InferenceError(str(exc.status()), exc.message() or str(exc)) from None
         return {name: result.as_numpy(name) for name in outputs}

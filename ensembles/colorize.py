@@ -14,21 +14,17 @@ default, nearest-neighbour; FaceFusion upsamples ab bilinearly (``cv2.resize``),
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.nn import functional as F
 
 from imgpipe.ensembles import lab
 from imgpipe.ensembles.step import BlsStep, Outputs
 from imgpipe.errors import InvalidInputError
-from imgpipe.imaging import ACCEPTED_FORMATS, decode_images, encode_image
+from imgpipe.imaging import IntakeLimits, decode_images, encode_image
 from imgpipe.pipelines.colorize import CONTRACT, Settings
-
-_JPEG_MAGIC = b"\xff\xd8"
 
 Decoded = tuple[torch.Tensor, "torch.Tensor | None"]  # RGB uint8 H×W×3, alpha uint8 H×W (None: no alpha)
 
@@ -36,49 +32,18 @@ Decoded = tuple[torch.Tensor, "torch.Tensor | None"]  # RGB uint8 H×W×3, alpha
 # -- decoding with the alpha channel ------------------------------------------------------------
 
 
-def _has_alpha(image: Image.Image) -> bool:
-    """An alpha band (RGBA, LA, PA) or a transparency entry (a palette's or a greyscale PNG's tRNS)."""
-    return "A" in image.getbands() or "transparency" in image.info
-
-
-def _with_alpha(data: bytes, max_pixels: int) -> Image.Image | None:
-    """The opened (header-only) image when it carries alpha; None for everything else — JPEGs, images
-    without alpha, and bytes that are not a valid image, which :func:`imgpipe.imaging.decode_images`
-    refuses with its own sentences."""
-    if data.startswith(_JPEG_MAGIC):
-        return None
-    try:
-        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
-        return None
-    width, height = image.size
-    if width * height > max_pixels or not _has_alpha(image):
-        return None
-    return image
-
-
-def decode(items: list[bytes], max_pixels: int, device: torch.device | str = "cpu") -> list[Decoded]:
+def decode(items: list[bytes], max_pixels: int | IntakeLimits, device: torch.device | str = "cpu") -> list[Decoded]:
     """Encoded images → (RGB ``H×W×3``, alpha ``H×W`` or None) uint8 tensors on ``device``, EXIF
-    orientation applied. Images without alpha (all JPEGs) go through
-    :func:`imgpipe.imaging.decode_images` (nvJPEG on a GPU), which also refuses bad bytes with its
-    sentences; images with alpha are decoded once by Pillow as RGBA and split."""
-    decoded: list[Decoded | None] = [None] * len(items)
-    plain = []
-    for i, data in enumerate(items):
-        image = _with_alpha(data, max_pixels)
-        if image is None:
-            plain.append(i)
-            continue
-        try:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise InvalidInputError(f"truncated or corrupt {image.format} image: {exc}") from None
-        rgba = torch.from_numpy(np.array(image.convert("RGBA"), dtype=np.uint8)).to(device)
-        decoded[i] = (rgba[..., :3].contiguous(), rgba[..., 3].contiguous())
-    for i, rgb in zip(plain, decode_images([items[i] for i in plain], max_pixels, device), strict=True):
-        decoded[i] = (rgb, None)
-    return decoded  # type: ignore[return-value]
+    orientation applied: the shared image intake (:func:`imgpipe.imaging.decode_images` with ``alpha``:
+    its limits and refusals, nvJPEG for JPEGs on a GPU), whose RGBA images (an alpha band or a
+    transparency entry: RGBA, LA, PA, a palette's or a greyscale PNG's tRNS) are split here."""
+    decoded = []
+    for image in decode_images(items, max_pixels, device, alpha=True):
+        if image.shape[-1] == 4:
+            decoded.append((image[..., :3].contiguous(), image[..., 3].contiguous()))
+        else:
+            decoded.append((image, None))
+    return decoded
 
 
 # -- DDColor's steps ----------------------------------------------------------------------------
@@ -146,7 +111,7 @@ class Colorize(BlsStep):
         items = self.bytes_items(request, "IMAGE")
         if not items:
             raise InvalidInputError("input 'IMAGE' holds no image")
-        images = decode(items, self.settings.max_pixels, self.device)
+        images = decode(items, IntakeLimits.of(self.settings), self.device)
         refuse_jpeg_alpha(fmt, images)
         pixels = torch.stack([network_input(rgb, size) for rgb, _ in images])
         (ab,) = await self.run(str(size), pixels)

@@ -18,7 +18,7 @@ import torch
 from imgpipe.ensembles import face_decoders, face_mesh, mtcnn
 from imgpipe.ensembles.step import BlsStep, Outputs
 from imgpipe.errors import InvalidInputError
-from imgpipe.imaging import decode_image
+from imgpipe.imaging import IntakeLimits, decode_image
 from imgpipe.manifest import from_table
 from imgpipe.pipelines import detect_faces as declared
 
@@ -44,9 +44,10 @@ class FaceFinder(BlsStep):
         table = json.loads(self.parameters["imgpipe.detector"])
         self.detector: declared.Settings = from_table(declared.Settings, table, f"{self.name}.detector")
 
-    def image(self, data: bytes, max_pixels: int) -> torch.Tensor:
-        """Encoded bytes → H×W×3 uint8 on this step's device (Pillow decodes on CPU)."""
-        return torch.from_numpy(decode_image(data, max_pixels)).to(self.device)
+    def image(self, data: bytes) -> torch.Tensor:
+        """Encoded bytes → H×W×3 uint8 on this step's device, through the image intake with the pipeline's
+        limits (:func:`imgpipe.imaging.decode_image`: Pillow on the CPU)."""
+        return torch.from_numpy(decode_image(data, limits=IntakeLimits.of(self.settings))).to(self.device)
 
     async def detect(self, image: torch.Tensor, params: mtcnn.MtcnnParams) -> mtcnn.Faces:
         """Faces in original-image pixels, best first, with the configured detector."""
@@ -69,7 +70,7 @@ class DetectFaces(FaceFinder):
 
     async def handle_async(self, request: Any) -> Outputs:
         params = mtcnn_params(declared.CONTRACT.parse_parameters(self.request_parameters(request)))
-        image = self.image(self.single_image(request), self.settings.max_pixels)
+        image = self.image(self.single_image(request))
         faces = await self.detect(image, params)
         outputs: Outputs = {"BOXES": faces.boxes, "SCORES": faces.scores, "LANDMARKS": faces.landmarks}
         if "MESH" in self.requested_outputs(request):

@@ -185,7 +185,7 @@ class ReconstructFace(FaceFinder):
             raise InvalidInputError(
                 f"parameter 'method' = {method!r} is not configured on this server (offered: {', '.join(offered)})"
             )
-        image = self.image(self.single_image(request), self.settings.max_pixels)
+        image = self.image(self.single_image(request))
         faces = await self.detect(image, DEFAULT_PARAMS)
         chosen = faces.select(choose(faces, parameters["faces"]))
         if method == "mesh":

@@ -102,8 +102,8 @@ class SwapFace(FaceFinder):
 
     async def handle_async(self, request: Any) -> Outputs:
         parameters = CONTRACT.parse_parameters(self.request_parameters(request))
-        source = self.image(self.single_image(request, "SOURCE"), self.settings.max_pixels)
-        target = self.image(self.single_image(request, "TARGET"), self.settings.max_pixels)
+        source = self.image(self.single_image(request, "SOURCE"))
+        target = self.image(self.single_image(request, "TARGET"))
         source_faces, target_faces = await asyncio.gather(
             self.detect(source, DEFAULT_PARAMS), self.detect(target, DEFAULT_PARAMS)
         )

@@ -291,16 +291,69 @@ def serve(
     log_verbose: Annotated[int, typer.Option(help="Triton's --log-verbose level.")] = 0,
     cache_mib: Annotated[int, typer.Option(help="Response cache size in MiB (models with response_cache).")] = 0,
     poll_secs: Annotated[int, typer.Option(help="Poll the repository every N s for new versions (0: off).")] = 0,
-) -> None:
+    host: Annotated[
+        str, typer.Option(envvar="IMGPIPE_HOST", help="Address HTTP, gRPC and metrics bind to (0.0.0.0: all).")
+    ] = "127.0.0.1",
+    admin_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="IMGPIPE_ADMIN_KEY",
+            help="Restrict the admin APIs (--restrict) to requests carrying this key in --admin-header.",
+        ),
+    ] = None,
+    admin_header: Annotated[
+        str, typer.Option(envvar="IMGPIPE_ADMIN_HEADER", help="Header that carries the admin key.")
+    ] = "imgpipe-admin-key",
+    restrict: Annotated[
+        str,
+        typer.Option(envvar="IMGPIPE_RESTRICT", help="Comma-separated Triton APIs the admin key guards "
+                     "(model-config, metadata, inference, "
+                     "health may be added)."),
+    ] = "model-repository,shared-memory,logging,trace,statistics",
+    grpc_tls_cert: Annotated[
+        Path | None, typer.Option(envvar="IMGPIPE_GRPC_TLS_CERT", help="PEM server certificate: gRPC over TLS.")
+    ] = None,
+    grpc_tls_key: Annotated[
+        Path | None, typer.Option(envvar="IMGPIPE_GRPC_TLS_KEY", help="PEM server private key (with --grpc-tls-cert).")
+    ] = None,
+    grpc_tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(envvar="IMGPIPE_GRPC_TLS_CLIENT_CA", help="PEM CA of client certificates: mutual TLS."),
+    ] = None,
+    metrics: Annotated[
+        bool, typer.Option("--metrics/--no-metrics", envvar="IMGPIPE_METRICS", help="Prometheus metrics endpoint.")
+    ] = True,
+    triton_args: Annotated[
+        list[str] | None,
+        typer.Option("--triton-arg", help="Extra tritonserver flag, e.g. --triton-arg=--http-thread-count=4 "
+                     "(repeatable; applied last)."),
+    ] = None,
+) -> None:  # fmt: skip
     """Start the local tritonserver on the repository, wait until ready, serve until Ctrl-C/SIGTERM."""
-    from imgpipe.server import Ports, ServerError
+    from imgpipe.server import WILDCARD_HOSTS, GrpcTls, Ports, Restriction, ServerError, host_port
 
+    try:
+        restriction = (
+            Restriction(admin_key, admin_header, tuple(a.strip() for a in restrict.split(",") if a.strip()))
+            if admin_key
+            else None
+        )
+        if (grpc_tls_cert is None) != (grpc_tls_key is None) or (grpc_tls_client_ca and not grpc_tls_cert):
+            raise ServerError("gRPC TLS needs both --grpc-tls-cert and --grpc-tls-key")
+        tls = GrpcTls(grpc_tls_cert, grpc_tls_key, grpc_tls_client_ca) if grpc_tls_cert and grpc_tls_key else None
+    except ServerError as exc:
+        raise _fail(str(exc)) from None
     server = TritonServer(
         repository.resolve(),
         Ports(http_port, grpc_port, metrics_port),
+        host=host,
         log_verbose=log_verbose,
         cache_mib=cache_mib,
         poll_secs=poll_secs,
+        restriction=restriction,
+        grpc_tls=tls,
+        metrics=metrics,
+        extra_args=tuple(triton_args or ()),
     )
     stop = _stop_on_signals()
     try:
@@ -308,13 +361,22 @@ def serve(
             server.start()
     except ServerError as exc:
         raise _fail(str(exc)) from None
+    grpc_security = "plain text"
+    if tls:
+        grpc_security = "TLS, client certificates required" if tls.client_ca else "TLS"
     table = Table(title="tritonserver ready")
-    table.add_column("endpoint")
-    table.add_column("address")
-    table.add_row("gRPC", server.grpc_url)
-    table.add_row("HTTP", f"http://{server.http_url}")
-    table.add_row("metrics", server.metrics_url)
+    for column in ("endpoint", "address", "security"):
+        table.add_column(column)
+    table.add_row("gRPC", host_port(host, grpc_port), grpc_security)
+    table.add_row("HTTP", f"http://{host_port(host, http_port)}", "plain text")
+    table.add_row("metrics", f"http://{host_port(host, metrics_port)}/metrics" if metrics else "off", "")
+    if restriction:
+        table.add_row("admin APIs", ", ".join(restriction.apis), f"key in header '{restriction.header}'")
     console.print(table)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        exposed = "every interface" if host in WILDCARD_HOSTS else host
+        note = "" if restriction else "; no --admin-key: the admin APIs are open to the network"
+        console.print(f"[yellow]listening on {exposed}{note}[/]")
     models = Table(title="models")
     for column in ("name", "version", "state"):
         models.add_column(column)
@@ -643,6 +705,76 @@ def tune_cmd(
         console.print(f"wrote {manifest}")
     else:
         console.print("(--write applies it)")
+
+
+@app.command("capacity")
+def capacity_cmd(
+    rate: Annotated[float, typer.Option(help="Requests per second to serve (the peak).")],
+    mix: Annotated[str, typer.Option(help="Pipeline shares: remove_background=0.6,detect_faces=0.4 ...")],
+    p99_ms: Annotated[float, typer.Option(help="Latency target: every pipeline's p99 within it.")] = 1000.0,
+    utilisation: Annotated[float, typer.Option(help="Planned busy share of each GPU (headroom).")] = 0.7,
+    bench: Annotated[Path, typer.Option(help="imgpipe bench's JSON with the measured curves.")] = ROOT
+    / "docs"
+    / "benchmarks"
+    / "bench.json",
+    variant: Annotated[str, typer.Option(help="The bench variant whose curves to use.")] = "fp16",
+    simulate: Annotated[
+        str | None, typer.Option(help="LOW:HIGH@SECONDS: simulate the HPA through a step of the load.")
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the simulation's picture.")] = ROOT
+    / "out"
+    / "capacity",
+) -> None:
+    """How many GPUs (pods) RATE requests/s of MIX need within the p99 target, from measured curves
+    (docs/scaling.md); with --simulate, how the HPA on queue time reacts to a step of the load."""
+    from imgpipe import capacity
+
+    try:
+        curves = capacity.load_curves(bench, variant)
+        plan = capacity.plan(curves, rate, capacity.parse_mix(mix), p99_ms, utilisation)
+    except (ValueError, KeyError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    table = Table(title=f"{rate:g} req/s within p99 {p99_ms:g} ms ({curves.source})")
+    for column in ("pipeline", "req/s", "per GPU", "at concurrency", "GPUs of work"):
+        table.add_column(column, justify="left" if column == "pipeline" else "right")
+    for row in plan.rows:
+        table.add_row(
+            row.pipeline, f"{row.rate:.1f}", f"{row.capacity:.1f}", str(row.concurrency), f"{row.gpu_share:.2f}"
+        )
+    console.print(table)
+    console.print(
+        f"{plan.gpu_time:.2f} GPUs of work; at <= {utilisation:.0%} busy: [bold]{plan.pods} pods[/] (one GPU each);"
+        f" the mix serves {plan.mixed_capacity:.1f} req/s per GPU"
+    )
+    if simulate:
+        try:
+            levels, at = simulate.split("@")
+            low, high = (float(v) for v in levels.split(":"))
+            start = float(at)
+        except ValueError:
+            raise typer.BadParameter(f"{simulate!r} is not LOW:HIGH@SECONDS, e.g. 20:80@120") from None
+        output.mkdir(parents=True, exist_ok=True)
+        for name, hpa in (("min2", capacity.Hpa()), ("plan", capacity.Hpa(min_pods=plan.pods))):
+            sim = capacity.simulate(capacity.step_load(low, high, start), plan.mixed_capacity, 3600, hpa)
+            title = f"HPA on queue time, minReplicas {hpa.min_pods}: {low:g} -> {high:g} req/s at {start:g} s"
+            path = capacity.plot(sim, hpa, output / f"hpa-{name}.png", title)
+            pods = [s.pods for s in sim.steps]
+            console.print(f"minReplicas {hpa.min_pods}: pods {min(pods)}-{max(pods)}, worst queue time"
+                          f" {sim.max_queue_ms():.0f} ms; picture {path}")  # fmt: skip
+
+
+@app.command("deploy-configs")
+def deploy_configs_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The compose stack's folder.")] = ROOT
+    / "deploy"
+    / "compose",
+) -> None:
+    """Write the local stack's generated files: Prometheus' scrape config and Grafana's provisioning and
+    dashboard (deploy/compose/)."""
+    from imgpipe import deploy
+
+    for path in deploy.write(output):
+        console.print(f"wrote {path}")
 
 
 def draw_faces(image: bytes, faces: list, target: Path) -> None:

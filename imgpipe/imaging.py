@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import functools
 import io
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from imgpipe.errors import InvalidInputError
 
@@ -36,62 +37,213 @@ WEBP_METHOD = 4
 _LOSSLESS_EFFORT = {0: 0, 1: 20, 2: 25, 3: 30, 4: 50, 5: 90, 6: 100}
 
 # Our own pixel limit is checked before decoding; Pillow's bomb check must not pre-empt it with a
-# different message, so it is set well above any limit a manifest would use.
+# different message, so it is switched off (the intake's limits below are stricter).
 Image.MAX_IMAGE_PIXELS = None
+# A truncated file must fail, not decode with grey where the data stopped (Pillow's default, made explicit).
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# PNG text/ICC chunks decompressing past PngImagePlugin.MAX_TEXT_CHUNK (1 MiB, Pillow's default, kept) raise
+# ValueError("Decompressed data too large ..."): refused below as metadata past the limit.
 
 _JPEG_MAGIC = b"\xff\xd8"
 _JPEG_END = b"\xff\xd9"
 EXIF_ORIENTATION = 0x0112
 
+# The intake's limits (per pipeline in the manifest: max_bytes, max_pixels, max_side, max_aspect).
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_SIDE = 16384
+DEFAULT_MAX_ASPECT = 64.0
+# How much of an exception's text (which may quote the caller's bytes) a message may carry.
+_DETAIL_CHARS = 40
+# Other formats callers send by mistake, named in the refusal (their magic numbers).
+_OTHER_FORMATS = (
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\0", "TIFF"),
+    (b"MM\0*", "TIFF"),
+    (b"\0\0\0\x0cjP", "JPEG 2000"),
+)
+
+
+@dataclass(frozen=True)
+class IntakeLimits:
+    """What the image intake accepts, checked before any pixel is decoded: the encoded size in bytes,
+    the pixel count, the longest side and the aspect ratio (longest side / shortest side)."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int = DEFAULT_MAX_SIDE
+    max_aspect: float = DEFAULT_MAX_ASPECT
+
+    def __post_init__(self) -> None:
+        for key in ("max_bytes", "max_pixels", "max_side"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        if not self.max_aspect >= 1.0:
+            raise ValueError(f"max_aspect: must be at least 1 (a square), got {self.max_aspect}")
+
+    @classmethod
+    def of(cls, settings: Any) -> IntakeLimits:
+        """The limits of a pipeline's settings (fields it lacks keep the defaults)."""
+        if settings is None:
+            return cls()
+        names = ("max_bytes", "max_pixels", "max_side", "max_aspect")
+        return cls(**{n: getattr(settings, n) for n in names if getattr(settings, n, None) is not None})
+
+
+def check_limits(settings: Any) -> None:
+    """For a pipeline settings' ``__post_init__``: raise ``ManifestError`` when its intake limits are invalid."""
+    try:
+        IntakeLimits.of(settings)
+    except ValueError as exc:
+        from imgpipe.manifest import ManifestError
+
+        raise ManifestError(str(exc)) from None
+
+
+def _limits(max_pixels: int | IntakeLimits, limits: IntakeLimits | None) -> IntakeLimits:
+    if limits is not None:
+        return limits
+    return max_pixels if isinstance(max_pixels, IntakeLimits) else IntakeLimits(max_pixels=max_pixels)
+
+
+def _detail(exc: BaseException) -> str:
+    """An exception's text for a caller's message: one line, ASCII, at most a few dozen characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
+
+
+def _refusal(what: str, exc: BaseException) -> InvalidInputError:
+    """The caller's sentence for a decoder's exception (Pillow's limits get their own words)."""
+    if "Decompressed data too large" in str(exc):
+        return InvalidInputError(
+            f"{what}: a PNG text or ICC-profile chunk decompresses past the limit of "
+            f"{PngImagePlugin.MAX_TEXT_CHUNK} bytes"
+        )
+    if isinstance(exc, Image.DecompressionBombError):
+        return InvalidInputError(f"{what}: the image declares more pixels than accepted")
+    return InvalidInputError(f"{what}: {_detail(exc)}")
+
 
 # -- decoding ------------------------------------------------------------------------------------
 
 
-def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
-    """Pillow's header-only open with imgpipe's checks: empty, not an accepted image, above the pixel limit."""
+def _open_checked(data: bytes, max_pixels: int | IntakeLimits, limits: IntakeLimits | None = None) -> Image.Image:
+    """Pillow's header-only open with imgpipe's checks, all before any pixel is decoded: empty, over the
+    byte limit, not an accepted image, a corrupt header, above the pixel limit, a side too long, an
+    aspect ratio too extreme."""
+    limits = _limits(max_pixels, limits)
     if not data:
         raise InvalidInputError("empty input: the image has no bytes")
+    if len(data) > limits.max_bytes:
+        raise InvalidInputError(f"image too large: {len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
-        raise InvalidInputError(f"not an image: the {len(data)} bytes are not a JPEG, PNG or WebP image") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # a header cut short or corrupt
-        raise InvalidInputError(f"truncated or corrupt image header ({len(data)} bytes): {exc}") from None
-    width, height = image.size
-    if width * height > max_pixels:
+        other = next((name for magic, name in _OTHER_FORMATS if data.startswith(magic)), None)
+        hint = f" ({other} is not accepted)" if other else ""
         raise InvalidInputError(
-            f"image too large: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+            f"not an image: the {len(data)} bytes are not a JPEG, PNG or WebP image{hint}"
+        ) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # a header cut short or corrupt; Pillow's own limits (text chunks)
+        raise _refusal(f"truncated or corrupt image header ({len(data)} bytes)", exc) from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidInputError(f"image has no pixels: it declares {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise InvalidInputError(
+            f"image too large: {width}x{height} = {width * height} pixels exceeds the limit of {limits.max_pixels}"
+        )
+    if max(width, height) > limits.max_side:
+        raise InvalidInputError(
+            f"image too large: {width}x{height} has a side over the limit of {limits.max_side} pixels"
+        )
+    if max(width, height) / min(width, height) > limits.max_aspect:
+        raise InvalidInputError(
+            f"image too elongated: {width}x{height} exceeds the aspect-ratio limit of {limits.max_aspect:g}:1"
         )
     return image
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes of a JPEG/PNG/WebP image → RGB ``uint8`` array ``H×W×3``, EXIF orientation applied.
+def _to_array(image: Image.Image, alpha: bool, fmt: str | None) -> np.ndarray:
+    """A loaded, upright image → ``uint8`` ``H×W×3`` RGB, or ``H×W×4`` RGBA when ``alpha`` and it has alpha.
 
-    Raises :class:`InvalidInputError` for empty bytes, bytes that are not an accepted image, an
-    image larger than ``max_pixels`` (checked from the header, before any pixel is decoded) and a
-    truncated or corrupt file.
+    16-bit greyscale (I;16, I) is scaled to 8 bits (v / 257, rounded), not clipped; CMYK and YCbCr go
+    to RGB by Pillow's conversion (no colour management: ICC profiles are ignored); palette, LA and
+    greyscale/RGB with a transparency entry become RGBA (or RGB without ``alpha``: the colour under
+    transparent pixels as stored).
     """
-    image = _open_checked(data, max_pixels)
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image).astype(np.int64).clip(0, 65535)
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+        transparency = image.info.get("transparency")
+        if alpha and isinstance(transparency, int):
+            return np.dstack([rgb, np.where(values == transparency, 0, 255).astype(np.uint8)])
+        return rgb
+    if mode not in ("1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "RGBX"):
+        raise InvalidInputError(f"unsupported pixel mode {mode!r} in the {fmt} image")
+    has_alpha = "A" in image.getbands() or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        return np.array(rgba if alpha else rgba.convert("RGB"), dtype=np.uint8)
+    return np.array(image if mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int | IntakeLimits = DEFAULT_MAX_PIXELS,
+    *,
+    limits: IntakeLimits | None = None,
+    alpha: bool = False,
+) -> np.ndarray:
+    """Bytes of a JPEG/PNG/WebP image → RGB ``uint8`` array ``H×W×3``, EXIF orientation applied — the one
+    image intake of every pipeline.
+
+    With ``alpha``, an image with an alpha channel or a transparency entry comes back ``H×W×4`` (RGBA).
+    Animated PNG and WebP: the first frame. Raises :class:`InvalidInputError`, a short sentence quoting
+    at most a few dozen characters of anything the caller sent, for empty bytes, bytes over the limit,
+    bytes that are not an accepted image, an image over the pixel, side or aspect-ratio limits (checked
+    from the header, before any pixel is decoded), a truncated or corrupt file, PNG text/ICC chunks
+    decompressing past Pillow's limit, corrupt EXIF metadata and unsupported pixel modes. ``limits``
+    (:class:`IntakeLimits`) wins over ``max_pixels``.
+    """
+    image = _open_checked(data, max_pixels, limits)
+    fmt = image.format
     try:
         image.load()
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _refusal(f"truncated or corrupt {fmt} image", exc) from None
+    try:
         image = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidInputError(f"truncated or corrupt {image.format} image: {exc}") from None
-    if image.mode != "RGB":
-        # Palette/greyscale/CMYK/alpha images become RGB; an alpha channel is dropped, the segmenter decides.
-        image = (
-            image.convert("RGBA").convert("RGB")
-            if "A" in image.getbands() or image.mode == "P"
-            else image.convert("RGB")
-        )
-    return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _refusal(f"corrupt EXIF metadata in the {fmt} image", exc) from None
+    try:
+        return _to_array(image, alpha, fmt)
+    except (InvalidInputError, MemoryError):
+        raise
+    except Exception as exc:
+        raise _refusal(f"corrupt {fmt} image", exc) from None
 
 
 def decode_images(
-    items: list[bytes], max_pixels: int = DEFAULT_MAX_PIXELS, device: torch.device | str = "cpu"
+    items: list[bytes],
+    max_pixels: int | IntakeLimits = DEFAULT_MAX_PIXELS,
+    device: torch.device | str = "cpu",
+    *,
+    limits: IntakeLimits | None = None,
+    alpha: bool = False,
 ) -> list[torch.Tensor]:
-    """Encoded images → RGB ``uint8`` tensors ``H×W×3`` on ``device``, EXIF orientation applied.
+    """Encoded images → RGB ``uint8`` tensors ``H×W×3`` on ``device``, EXIF orientation applied (with
+    ``alpha``: ``H×W×4`` for images with alpha, as :func:`decode_image`). Each item is its own tensor:
+    a batch is never padded to a common size.
 
     On a CUDA device with torchvision importable, the JPEGs are checked from their headers with Pillow
     (the same :class:`InvalidInputError` sentences as :func:`decode_image`) and decoded as one batch by
@@ -101,17 +253,18 @@ def decode_images(
     """
     import torch
 
+    limits = _limits(max_pixels, limits)
     device = torch.device(device)
     decoded: list[torch.Tensor | None] = [None] * len(items)
     decode_jpeg = _nvjpeg() if device.type == "cuda" else None
     if decode_jpeg is not None:
-        jpegs = {i: orientation for i, data in enumerate(items) if (orientation := _nvjpeg_candidate(data, max_pixels))}
+        jpegs = {i: orientation for i, data in enumerate(items) if (orientation := _nvjpeg_candidate(data, limits))}
         if jpegs:
             for i, chw in zip(jpegs, _decode_jpegs(decode_jpeg, [items[i] for i in jpegs], device), strict=True):
                 if chw is not None:
                     decoded[i] = orient(chw.permute(1, 2, 0), jpegs[i]).contiguous()
     return [
-        image if image is not None else torch.from_numpy(decode_image(data, max_pixels)).to(device)
+        image if image is not None else torch.from_numpy(decode_image(data, limits=limits, alpha=alpha)).to(device)
         for image, data in zip(decoded, items, strict=True)
     ]
 
@@ -126,7 +279,7 @@ def _nvjpeg() -> Any:
     return functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
 
 
-def _nvjpeg_candidate(data: bytes, max_pixels: int) -> int:
+def _nvjpeg_candidate(data: bytes, limits: IntakeLimits) -> int:
     """For a JPEG nvJPEG may decode: its EXIF orientation (1-8; 1 = as stored); 0 for every other input.
 
     Raises the header errors of :func:`decode_image` (not an image, above the pixel limit) here, before
@@ -135,10 +288,13 @@ def _nvjpeg_candidate(data: bytes, max_pixels: int) -> int:
     """
     if not data.startswith(_JPEG_MAGIC):
         return 0
-    image = _open_checked(data, max_pixels)
+    image = _open_checked(data, limits)
     if image.format != "JPEG" or image.mode not in ("RGB", "L") or not data.rstrip(b"\0").endswith(_JPEG_END):
         return 0
-    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # corrupt EXIF: left to decode_image, which names the problem
+        return 0
     return orientation if orientation in _ORIENT else 1
 
 

@@ -32,6 +32,74 @@ class ServerError(RuntimeError):
     """The server could not be started or did not become ready; the message says why."""
 
 
+# Triton's restrictable API groups (``--http-restricted-api`` / ``--grpc-restricted-protocol``, 2.51).
+RESTRICTABLE_APIS = (
+    "health", "metadata", "inference", "shared-memory", "model-config", "model-repository", "statistics", "trace",
+    "logging",
+)  # fmt: skip
+# What `imgpipe serve --admin-key` guards by default: everything that changes the server or reads its internals.
+# model-config and metadata stay open: the pipelines' contracts are published in their configs.
+ADMIN_APIS = ("model-repository", "shared-memory", "logging", "trace", "statistics")
+DEFAULT_ADMIN_HEADER = "imgpipe-admin-key"
+_HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_KEY_VALUE = re.compile(r"[A-Za-z0-9._~+/-]{8,256}")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+
+
+@dataclass(frozen=True)
+class Restriction:
+    """Triton's restricted APIs: a request to one of ``apis`` must carry the header ``header: key``.
+
+    Over gRPC Triton expects the header as ``triton-grpc-protocol-<header>`` (its own prefix);
+    :class:`imgpipe.clients.triton.TritonClient` adds it. Refused requests get HTTP 403, gRPC UNAVAILABLE.
+    """
+
+    key: str
+    header: str = DEFAULT_ADMIN_HEADER
+    apis: tuple[str, ...] = ADMIN_APIS
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.apis if a not in RESTRICTABLE_APIS]
+        if unknown or not self.apis:
+            raise ServerError(f"restricted APIs must be among {', '.join(RESTRICTABLE_APIS)}; got {unknown or 'none'}")
+        if not _HEADER_NAME.fullmatch(self.header):
+            raise ServerError("the admin header name must be lower-case letters, digits and '-'")
+        if not _KEY_VALUE.fullmatch(self.key):
+            raise ServerError("the admin key must be 8-256 characters of letters, digits and ._~+/-")
+
+    def args(self) -> list[str]:
+        spec = f"{','.join(self.apis)}:{self.header}={self.key}"
+        return [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"]
+
+    def http_headers(self) -> dict[str, str]:
+        return {self.header: self.key}
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    """TLS on the gRPC endpoint: the server's PEM certificate (chain) and key; with ``client_ca`` mutual TLS,
+    clients must present a certificate signed by that CA. Triton's HTTP endpoint has no TLS: put it behind a
+    TLS-terminating proxy, or keep it on localhost."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def args(self) -> list[str]:
+        for name, path in (("certificate", self.cert), ("key", self.key), ("client CA", self.client_ca)):
+            if path is not None and not Path(path).is_file():
+                raise ServerError(f"gRPC TLS {name} file {path} does not exist")
+        args = ["--grpc-use-ssl=true", f"--grpc-server-cert={self.cert}", f"--grpc-server-key={self.key}"]
+        if self.client_ca is not None:
+            args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.client_ca}"]
+        return args
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, IPv6 literals in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class Ports:
     http: int = 8000
@@ -144,7 +212,7 @@ class TritonServer:
 
     model_repository: Path
     ports: Ports = field(default_factory=Ports)
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the address HTTP, gRPC and metrics bind to (0.0.0.0: every interface)
     log_verbose: int = 0
     startup_timeout_s: float = 240.0
     cache_dir: Path | None = None
@@ -152,21 +220,29 @@ class TritonServer:
     log_path: Path | None = None
     cache_mib: int = 0  # response cache (models whose config enables it)
     poll_secs: int = 0  # poll the repository for new/rolled-back versions
+    restriction: Restriction | None = None  # admin APIs guarded by a header key
+    grpc_tls: GrpcTls | None = None
+    metrics: bool = True  # Prometheus metrics endpoint on or off
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log_lines: list[str] = field(default_factory=list, init=False, repr=False)
     _reader: threading.Thread | None = field(default=None, init=False, repr=False)
 
     @property
+    def connect_host(self) -> str:
+        """Where a client on this machine reaches the server: the bind address, or loopback for a wildcard."""
+        return "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
+
+    @property
     def http_url(self) -> str:
-        return f"{self.host}:{self.ports.http}"
+        return host_port(self.connect_host, self.ports.http)
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.host}:{self.ports.grpc}"
+        return host_port(self.connect_host, self.ports.grpc)
 
     @property
-    def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.ports.metrics}/metrics"
+    def metrics_url(self) -> str | None:
+        return f"http://{host_port(self.connect_host, self.ports.metrics)}/metrics" if self.metrics else None
 
     @property
     def log(self) -> str:
@@ -178,9 +254,15 @@ class TritonServer:
             str(dist.binary),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backends}",
+            f"--http-address={self.host}",
             f"--http-port={self.ports.http}",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.ports.grpc}",
-            f"--metrics-port={self.ports.metrics}",
+            *(
+                [f"--metrics-address={self.host}", f"--metrics-port={self.ports.metrics}"]
+                if self.metrics
+                else ["--allow-metrics=false"]
+            ),
             f"--log-verbose={self.log_verbose}",
             "--exit-on-error=true",
             "--strict-readiness=true",
@@ -190,7 +272,9 @@ class TritonServer:
                 else []
             ),
             *(["--model-control-mode=poll", f"--repository-poll-secs={self.poll_secs}"] if self.poll_secs else []),
-            *self.extra_args,
+            *(self.restriction.args() if self.restriction else []),
+            *(self.grpc_tls.args() if self.grpc_tls else []),
+            *self.extra_args,  # last: they may override any of the above
         ]
 
     def environment(self) -> dict[str, str]:
@@ -204,14 +288,16 @@ class TritonServer:
     def start(self) -> TritonServer:
         if not self.model_repository.is_dir():
             raise ServerError(f"model repository {self.model_repository} does not exist: run `imgpipe build` first")
-        taken = [f"{name} port {port}" for name, port in self.ports.as_dict().items() if not port_is_free(port)]
+        wanted = {n: p for n, p in self.ports.as_dict().items() if self.metrics or n != "metrics"}
+        taken = [f"{name} port {port}" for name, port in wanted.items() if not port_is_free(port)]
         if taken:
             raise ServerError(f"cannot start tritonserver: {', '.join(taken)} already in use")
         cache = self.cache_dir or CACHE_DIR
         cache.mkdir(parents=True, exist_ok=True)
         backends = TritonDistribution.find().prepare_backends(cache)
+        command = self.command(backends)  # before the process: a missing TLS file is reported here
         self._process = subprocess.Popen(
-            self.command(backends),
+            command,
             env=self.environment(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -243,6 +329,7 @@ class TritonServer:
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         url = f"http://{self.http_url}/v2/health/ready"
+        headers = self.restriction.http_headers() if self.restriction else {}
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:
@@ -250,7 +337,7 @@ class TritonServer:
                     self._reader.join(timeout=5)
                 raise ServerError(explain_failure(self.log))
             try:
-                with urllib.request.urlopen(url, timeout=2) as response:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -261,8 +348,12 @@ class TritonServer:
         )
 
     def loaded_models(self) -> list[dict[str, str]]:
-        """The repository index: name, version and state of every model Triton knows."""
-        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        """The repository index: name, version and state of every model Triton knows (sends the admin key
+        when the repository API is restricted)."""
+        headers = self.restriction.http_headers() if self.restriction else {}
+        request = urllib.request.Request(
+            f"http://{self.http_url}/v2/repository/index", data=b"{}", headers=headers, method="POST"
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 

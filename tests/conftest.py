@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,3 +87,18 @@ def run() -> mtcnn.SyncRun:
         return tuple(torch.from_numpy(o) for o in session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()}))
 
     return call
+
+
+def serve_banner(proc: subprocess.Popen, timeout_s: float) -> list[str]:
+    """The lines ``imgpipe serve`` prints up to its "Ctrl-C stops the server" (or its exit, or the timeout)."""
+    assert proc.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if "Ctrl-C stops the server" in line:
+            break
+    return seen

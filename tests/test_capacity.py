@@ -72,3 +72,18 @@ def test_min_replicas_from_the_plan_absorb_the_step_that_makes_min_two_oscillate
     planned = c.simulate(c.step_load(20, 80, 120), peak.mixed_capacity, 3600, c.Hpa(min_pods=peak.pods))
     assert max(s.pods for s in small.steps) == c.Hpa().max_pods and small.max_queue_ms(after=1800) > 50
     assert {s.pods for s in planned.steps} == {peak.pods} == {5} and planned.max_queue_ms() < 50
+
+
+def test_capacity_command_prints_the_plan_and_draws_the_simulations(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from imgpipe.cli import app
+
+    args = ["capacity", "--rate", "80", "--mix", "remove_background=0.6,detect_faces=0.3,swap_face=0.1",
+            "--simulate", "20:80@120", "-o", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "5 pods" in result.output and "minReplicas 5: pods 5-5" in result.output
+    assert (tmp_path / "hpa-min2.png").is_file() and (tmp_path / "hpa-plan.png").is_file()
+    bad = CliRunner().invoke(app, ["capacity", "--rate", "10", "--mix", "sharpen=1"])
+    assert bad.exit_code != 0 and "sharpen" in bad.output

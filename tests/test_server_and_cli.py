@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from PIL import Image
 
 from imgpipe.samples import encode, sample_array
 from imgpipe.server import Ports, ServerError, TritonServer, explain_failure, free_ports, port_is_free
+from tests.conftest import serve_banner
 
 pytestmark = pytest.mark.server
 IMGPIPE = [sys.executable, "-m", "imgpipe.cli"]
@@ -61,15 +61,7 @@ def test_serve_prints_endpoints_and_models_and_stops_on_sigterm(repository: Path
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
     assert proc.stdout is not None
-    seen = []
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if "Ctrl-C stops the server" in line:
-            break
+    seen = serve_banner(proc, 180)
     output = "".join(seen)
     assert "tritonserver ready" in output, output
     assert f"127.0.0.1:{grpc}" in output and f"http://127.0.0.1:{http}" in output

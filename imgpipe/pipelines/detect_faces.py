@@ -79,10 +79,18 @@ class Settings:
     rnet: str = "rnet"
     onet: str = "onet"
     max_pixels: int = 40_000_000
+    # The image intake's other limits (imgpipe.imaging.IntakeLimits), checked before decoding: the encoded
+    # size, the longest side and longest/shortest side; past them a request gets INVALID_ARG.
+    max_bytes: int = 64 * 1024 * 1024
+    max_side: int = 16384
+    max_aspect: float = 64.0
     instances: Instances = field(default_factory=Instances)
     mesh: str = "face_mesh"  # the face landmark network behind the MESH output ("" = no MESH)
 
     def __post_init__(self) -> None:
+        from imgpipe.imaging import check_limits
+
+        check_limits(self)
         if isinstance(self.input_size, _DefaultSize):  # not set: the detector's own size, a plain int
             object.__setattr__(self, "input_size", DETECTOR_INPUT_SIZES.get(self.detector, int(self.input_size)))
         if self.detector == "blazeface" and self.input_size != DETECTOR_INPUT_SIZES["blazeface"]:

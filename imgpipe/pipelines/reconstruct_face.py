@@ -98,9 +98,17 @@ class Settings:
     texture_size: int = 1024  # longest side of a texture PNG (the photo's pixels are kept up to it)
     preview_size: int = 256  # side of each rendered view in PREVIEW
     max_pixels: int = 40_000_000
+    # The image intake's other limits (imgpipe.imaging.IntakeLimits), checked before decoding: the encoded
+    # size, the longest side and longest/shortest side; past them a request gets INVALID_ARG.
+    max_bytes: int = 64 * 1024 * 1024
+    max_side: int = 16384
+    max_aspect: float = 64.0
     instances: Instances = field(default_factory=Instances)
 
     def __post_init__(self) -> None:
+        from imgpipe.imaging import check_limits
+
+        check_limits(self)
         if self.method == "mesh" and not self.mesh:
             raise ManifestError("mesh: required when method = 'mesh' (the face mesh network)")
         if self.method == "3dmm" and not self.regressor:

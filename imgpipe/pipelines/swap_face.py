@@ -61,10 +61,18 @@ class Settings:
     recognizer: str = "recognizer"  # method inswapper
     swapper: str = "swapper"  # method inswapper
     max_pixels: int = 40_000_000
+    # The image intake's other limits (imgpipe.imaging.IntakeLimits), checked before decoding: the encoded
+    # size, the longest side and longest/shortest side; past them a request gets INVALID_ARG.
+    max_bytes: int = 64 * 1024 * 1024
+    max_side: int = 16384
+    max_aspect: float = 64.0
     instances: Instances = field(default_factory=Instances)
     mask_blur: float = 0.3  # method inswapper: feathering of the paste-back box mask, a fraction of the crop
 
     def __post_init__(self) -> None:
+        from imgpipe.imaging import check_limits
+
+        check_limits(self)
         if not 0.0 < self.feather <= 0.2:
             raise ManifestError(f"feather: must be within (0, 0.2], got {self.feather}")
 
