@@ -100,6 +100,20 @@ def check_limits(settings: Any) -> None:
         raise ManifestError(str(exc)) from None
 
 
+@dataclass(frozen=True)
+class IntakeSettings:
+    """The intake limits as a pipeline's manifest keys: every pipeline's ``Settings`` inherits them (and
+    calls this ``__post_init__``). Past a limit a request gets INVALID_ARG, before any pixel is decoded."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
+    max_bytes: int = DEFAULT_MAX_BYTES  # the encoded size
+    max_side: int = DEFAULT_MAX_SIDE
+    max_aspect: float = DEFAULT_MAX_ASPECT  # longest side / shortest side
+
+    def __post_init__(self) -> None:
+        check_limits(self)
+
+
 def _limits(max_pixels: int | IntakeLimits, limits: IntakeLimits | None) -> IntakeLimits:
     if limits is not None:
         return limits

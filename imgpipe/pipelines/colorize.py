@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from imgpipe.imaging import IntakeSettings
 from imgpipe.manifest import Instances, Manifest, ManifestError, Network
 from imgpipe.pipelines.registry import IO, BuildContext, Contract, Pipeline, bls_model, register
 
@@ -68,17 +69,11 @@ CONTRACT = Contract(
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(IntakeSettings):
     """``[pipelines.colorize]``. The encoder settings mean what they mean for remove_background."""
 
     network: str = "colorizer"  # SIZE 512: input [3, 512, 512] (or dynamic), output [2, 512, 512]
     network_256: str = "colorizer_256"  # SIZE 256; "" = `network` for both sizes (its input must be dynamic)
-    max_pixels: int = 40_000_000  # decompression-bomb guard: larger images get INVALID_ARG
-    # The image intake's other limits (imgpipe.imaging.IntakeLimits), checked before decoding: the encoded
-    # size, the longest side and longest/shortest side; past them a request gets INVALID_ARG.
-    max_bytes: int = 64 * 1024 * 1024
-    max_side: int = 16384
-    max_aspect: float = 64.0
     max_batch_size: int = 8
     instances: Instances = field(default_factory=Instances)
     png_compress_level: int = 1  # zlib level 0 (none, fastest) … 9 (smallest, slowest)
@@ -88,9 +83,7 @@ class Settings:
     webp_method: int = 0  # libwebp effort, 0 (fastest) … 6 (smallest)
 
     def __post_init__(self) -> None:
-        from imgpipe.imaging import check_limits
-
-        check_limits(self)
+        super().__post_init__()  # the intake limits
         for key, low, high in (
             ("png_compress_level", 0, 9),
             ("jpeg_quality", 1, 100),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from imgpipe.imaging import IntakeSettings
 from imgpipe.manifest import Instances, Manifest, ManifestError
 from imgpipe.pipelines.registry import IO, BuildContext, Contract, Param, Pipeline, bls_model, register, settings_json
 
@@ -66,7 +67,7 @@ BLAZEFACE_SHAPES = {"inputs": ((128, 128, 3),), "outputs": ((896, 16), (896, 1))
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(IntakeSettings):
     """``[pipelines.detect_faces]``: the MTCNN cascade (``pnet``/``rnet``/``onet``), or one network
     (``network``, square input ``input_size``) decoded as SCRFD/RetinaFace or YuNet (a user ONNX file,
     input_size 640 unless set) or as MediaPipe's BlazeFace short-range detector (``blazeface``: the
@@ -78,19 +79,11 @@ class Settings:
     pnet: str = "pnet"
     rnet: str = "rnet"
     onet: str = "onet"
-    max_pixels: int = 40_000_000
-    # The image intake's other limits (imgpipe.imaging.IntakeLimits), checked before decoding: the encoded
-    # size, the longest side and longest/shortest side; past them a request gets INVALID_ARG.
-    max_bytes: int = 64 * 1024 * 1024
-    max_side: int = 16384
-    max_aspect: float = 64.0
     instances: Instances = field(default_factory=Instances)
     mesh: str = "face_mesh"  # the face landmark network behind the MESH output ("" = no MESH)
 
     def __post_init__(self) -> None:
-        from imgpipe.imaging import check_limits
-
-        check_limits(self)
+        super().__post_init__()  # the intake limits
         if isinstance(self.input_size, _DefaultSize):  # not set: the detector's own size, a plain int
             object.__setattr__(self, "input_size", DETECTOR_INPUT_SIZES.get(self.detector, int(self.input_size)))
         if self.detector == "blazeface" and self.input_size != DETECTOR_INPUT_SIZES["blazeface"]:

@@ -22,6 +22,7 @@ import io
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from imgpipe.imaging import IntakeSettings
 from imgpipe.manifest import Instances, Manifest, ManifestError
 from imgpipe.pipelines import detect_faces
 from imgpipe.pipelines.registry import IO, BuildContext, Contract, Param, Pipeline, bls_model, register, settings_json
@@ -88,7 +89,7 @@ CONTRACT = Contract(
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(IntakeSettings):
     """``[pipelines.reconstruct_face]`` (faces are found with the ``detect_faces`` pipeline's detector)."""
 
     method: Literal["mesh", "3dmm"] = "mesh"
@@ -97,18 +98,10 @@ class Settings:
     basis: str = ""  # method 3dmm: BFM-format .npz/.mat next to the manifest; "" = the synthetic basis
     texture_size: int = 1024  # longest side of a texture PNG (the photo's pixels are kept up to it)
     preview_size: int = 256  # side of each rendered view in PREVIEW
-    max_pixels: int = 40_000_000
-    # The image intake's other limits (imgpipe.imaging.IntakeLimits), checked before decoding: the encoded
-    # size, the longest side and longest/shortest side; past them a request gets INVALID_ARG.
-    max_bytes: int = 64 * 1024 * 1024
-    max_side: int = 16384
-    max_aspect: float = 64.0
     instances: Instances = field(default_factory=Instances)
 
     def __post_init__(self) -> None:
-        from imgpipe.imaging import check_limits
-
-        check_limits(self)
+        super().__post_init__()  # the intake limits
         if self.method == "mesh" and not self.mesh:
             raise ManifestError("mesh: required when method = 'mesh' (the face mesh network)")
         if self.method == "3dmm" and not self.regressor:

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from imgpipe.imaging import IntakeSettings
 from imgpipe.manifest import Instances, Manifest, ManifestError
 from imgpipe.pipelines.registry import IO, BuildContext, Contract, Pipeline, python_model, register
 
@@ -63,7 +64,7 @@ PIXELS, ORIGINAL, SIZE, MASK = "PIXELS", "ORIGINAL", "SIZE", "MASK"
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(IntakeSettings):
     """``[pipelines.remove_background]``.
 
     The encoder settings' defaults come from ``python -m imgpipe.encode_bench`` (1024×768 results, one
@@ -77,12 +78,6 @@ class Settings:
     """
 
     segmenter: str = "selfie_segmenter"  # the network; its calibration.preprocessing names its contract
-    max_pixels: int = 40_000_000  # decompression-bomb guard: larger images get INVALID_ARG
-    # The image intake's other limits (imgpipe.imaging.IntakeLimits), checked before decoding: the encoded
-    # size, the longest side and longest/shortest side; past them a request gets INVALID_ARG.
-    max_bytes: int = 64 * 1024 * 1024
-    max_side: int = 16384
-    max_aspect: float = 64.0
     max_batch_size: int = 8
     instances: Instances = field(default_factory=Instances)
     png_compress_level: int = 1  # zlib level 0 (none, fastest) … 9 (smallest, slowest)
@@ -100,9 +95,7 @@ class Settings:
     guided_eps: float = 1e-3
 
     def __post_init__(self) -> None:
-        from imgpipe.imaging import check_limits
-
-        check_limits(self)
+        super().__post_init__()  # the intake limits
         if self.encode_instances < 0:
             raise ManifestError(
                 f"encode_instances: must be 0 (same as instances.count) or more, got {self.encode_instances}"

@@ -17,6 +17,7 @@ import io
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from imgpipe.imaging import IntakeSettings
 from imgpipe.manifest import Instances, ManifestError
 from imgpipe.pipelines import detect_faces
 from imgpipe.pipelines.registry import IO, BuildContext, Contract, Param, Pipeline, bls_model, register, settings_json
@@ -51,7 +52,7 @@ CONTRACT = Contract(
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(IntakeSettings):
     """``[pipelines.swap_face]`` (faces are found with the ``detect_faces`` pipeline's detector)."""
 
     method: Literal["mesh", "inswapper"] = "mesh"
@@ -60,19 +61,11 @@ class Settings:
     colour: bool = True  # method mesh: match the source face's colour (Lab mean and spread) to the target's
     recognizer: str = "recognizer"  # method inswapper
     swapper: str = "swapper"  # method inswapper
-    max_pixels: int = 40_000_000
-    # The image intake's other limits (imgpipe.imaging.IntakeLimits), checked before decoding: the encoded
-    # size, the longest side and longest/shortest side; past them a request gets INVALID_ARG.
-    max_bytes: int = 64 * 1024 * 1024
-    max_side: int = 16384
-    max_aspect: float = 64.0
     instances: Instances = field(default_factory=Instances)
     mask_blur: float = 0.3  # method inswapper: feathering of the paste-back box mask, a fraction of the crop
 
     def __post_init__(self) -> None:
-        from imgpipe.imaging import check_limits
-
-        check_limits(self)
+        super().__post_init__()  # the intake limits
         if not 0.0 < self.feather <= 0.2:
             raise ManifestError(f"feather: must be within (0, 0.2], got {self.feather}")
 
