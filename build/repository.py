@@ -21,9 +21,10 @@ from imgpipe.build.files import write_bytes_if_changed, write_if_changed
 from imgpipe.build.targets import TARGETS, BuildOptions, PlanBuilder, adapter_source, target
 from imgpipe.build.triton_config import ModelSpec, render
 from imgpipe.build.versions import served, versions
+from imgpipe.guard import VISIBILITY_PARAM
 from imgpipe.manifest import Manifest
 from imgpipe.paths import CACHE_DIR, DEFAULT_REPOSITORY
-from imgpipe.pipelines.registry import BuildContext, registry
+from imgpipe.pipelines.registry import BuildContext, model_visibility, registry
 
 VERSION = "1"  # Python steps and ensembles have one version; networks are versioned by their builds
 
@@ -60,11 +61,13 @@ def pipeline_models(manifest: Manifest, cache_dir: Path = CACHE_DIR) -> list[Pip
     """Every Python step, BLS model and ensemble of the manifest's pipelines, from the registry."""
     ctx = BuildContext(manifest, cache_dir)
     known = registry()
+    visibility = model_visibility(manifest, cache_dir)
     found: list[PipelineModel] = []
     for name, settings in manifest.pipelines.items():
         pipeline = known[name]
         assets = pipeline.assets(ctx, settings)
         for spec in pipeline.models(ctx, settings):
+            spec = dataclasses.replace(spec, parameters={**spec.parameters, VISIBILITY_PARAM: visibility[spec.name]})
             if spec.backend == "python" and manifest.plugin_paths:
                 paths = ":".join(str(p) for p in manifest.plugin_paths)
                 spec = dataclasses.replace(spec, parameters={**spec.parameters, "imgpipe.python_path": paths})

@@ -36,7 +36,9 @@ from imgpipe.build.files import write_bytes_if_changed, write_if_changed
 from imgpipe.build.onnx_precision import convert
 from imgpipe.build.triton_config import Accelerator, ModelSpec, instance_groups, network_model, render
 from imgpipe.build.versions import discard, latest, new_version_dir, pinned_policy, write_metadata
+from imgpipe.guard import VISIBILITY_PARAM
 from imgpipe.manifest import Instances, Manifest, Network
+from imgpipe.pipelines.registry import model_visibility
 
 TargetName = Literal["python", "onnxruntime", "tensorrt"]
 TARGETS: tuple[str, ...] = ("python", "onnxruntime", "tensorrt")
@@ -81,12 +83,15 @@ def _write_warmup_samples(manifest: Manifest, net: Network, model_dir: Path) -> 
         write_bytes_if_changed(model_dir / "warmup" / name, np.ascontiguousarray(value[:1]).tobytes())
 
 
-def _finish_config(spec: ModelSpec, model_dir: Path, new_version: bool) -> bool:
-    """Write the config, keeping a rollback's pinned versions unless this build made a new version."""
+def _finish_config(spec: ModelSpec, model_dir: Path, new_version: bool, manifest: Manifest) -> bool:
+    """Write the config, keeping a rollback's pinned versions unless this build made a new version, with
+    who may call the network (:mod:`imgpipe.guard`; the ``python`` target's runner checks it)."""
+    visibility = model_visibility(manifest).get(spec.name, "internal")
+    fields: dict[str, object] = {"parameters": {**spec.parameters, VISIBILITY_PARAM: visibility}}
     pinned = [] if new_version else pinned_policy(model_dir)
     if pinned:
-        spec = ModelSpec(**{**spec.__dict__, "version_policy_specific": tuple(pinned)})
-    return write_if_changed(model_dir / "config.pbtxt", render(spec))
+        fields["version_policy_specific"] = tuple(pinned)
+    return write_if_changed(model_dir / "config.pbtxt", render(dataclasses.replace(spec, **fields)))
 
 
 class PlanBuilder(Protocol):
@@ -216,11 +221,13 @@ class OnnxTarget(Target):
             version, action = int(version_dir.name), f"version {version_dir.name}"
         if not options.dry_run:
             _write_warmup_samples(manifest, net, model_dir)
-            self.write_config(net, precision, model_dir, action.startswith("version"))
+            self.write_config(net, precision, model_dir, action.startswith("version"), manifest)
         return NetworkBuild(net.name, action, version, time.perf_counter() - start, gate_errors)
 
-    def write_config(self, net: Network, precision: str, model_dir: Path, new_version: bool) -> None:
-        _finish_config(self.model_spec(net, precision), model_dir, new_version)
+    def write_config(
+        self, net: Network, precision: str, model_dir: Path, new_version: bool, manifest: Manifest
+    ) -> None:
+        _finish_config(self.model_spec(net, precision), model_dir, new_version, manifest)
 
 
 class PythonTarget(OnnxTarget):
@@ -457,7 +464,7 @@ class TensorRTTarget(Target):
             action = f"version {version_dir.name}" if fresh else f"version {version_dir.name} (+{cc})"
         _write_warmup_samples(manifest, net, model_dir)
         spec = tensorrt_model_spec(net, {c: p["plan"] for c, p in plans.items()}, len(profiles))
-        _finish_config(spec, model_dir, action != "unchanged")
+        _finish_config(spec, model_dir, action != "unchanged", manifest)
         return NetworkBuild(net.name, action, int(version_dir.name), time.perf_counter() - start)
 
 

@@ -10,6 +10,7 @@ instance's device.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -30,6 +31,7 @@ def mtcnn_params(parsed: dict[str, Any]) -> mtcnn.MtcnnParams:
         thresholds=(parsed["pnet_threshold"], parsed["rnet_threshold"], parsed["onet_threshold"]),
         scale_factor=parsed["scale_factor"],
         score_threshold=parsed["score_threshold"],
+        max_faces=parsed["max_faces"],
     )
 
 
@@ -49,9 +51,25 @@ class FaceFinder(BlsStep):
         limits (:func:`imgpipe.imaging.decode_image`: Pillow on the CPU)."""
         return torch.from_numpy(decode_image(data, limits=IntakeLimits.of(self.settings))).to(self.device)
 
-    async def detect(self, image: torch.Tensor, params: mtcnn.MtcnnParams) -> mtcnn.Faces:
-        """Faces in original-image pixels, best first, with the configured detector."""
+    async def detect(self, image: torch.Tensor, params: mtcnn.MtcnnParams, fit: bool = False) -> mtcnn.Faces:
+        """Faces in original-image pixels, best first (at most ``params.max_faces``), with the configured
+        detector. MTCNN's pyramid is held to ``max_pyramid_pixels``: past it the request is refused, or with
+        ``fit`` its min_face_size is raised until the pyramid fits."""
+        faces = await self._detect(image, params, fit)
+        return faces if len(faces) <= params.max_faces else faces.select(list(range(params.max_faces)))
+
+    async def _detect(self, image: torch.Tensor, params: mtcnn.MtcnnParams, fit: bool) -> mtcnn.Faces:
         if self.detector.detector == "mtcnn":
+            height, width = image.shape[:2]
+            budget = self.detector.max_pyramid_pixels
+            if mtcnn.pyramid_pixels(height, width, params) > budget:
+                size = mtcnn.fit_min_face_size(height, width, params, budget)
+                if not fit:
+                    raise InvalidInputError(
+                        f"a {width}x{height} image at min_face_size {params.min_face_size} needs more detector work"
+                        f" than allowed: use min_face_size {size} or more, or a smaller image"
+                    )
+                params = dataclasses.replace(params, min_face_size=size)
             return await mtcnn.detect(image, params, self.run)
         size = self.detector.input_size
         if self.detector.detector == "blazeface":

@@ -18,6 +18,7 @@ result is in original-image pixels.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +29,12 @@ import torch
 
 PNET_STRIDE, PNET_CELL = 2, 12
 _NMS_BLOCK_ELEMENTS = 1 << 22  # pairs of boxes whose overlap is computed at once by nms
+# Work bounds (issue 12): with thresholds near 0 every pnet cell is a candidate (15,000 on one level of a 256²
+# image), and NMS over n boxes costs n². The best-scoring candidates are kept at each stage; a photo's real
+# faces are far fewer, so results at usual thresholds are unchanged.
+MAX_CELLS_PER_LEVEL = 2048  # pnet cells per pyramid level into that level's NMS
+MAX_PROPOSALS = 8192  # all levels' survivors into the cross-level NMS
+MAX_CANDIDATES = 1024  # boxes cropped for rnet, and so for onet
 _TAP_BLOCK_ELEMENTS = 1 << 24  # products of pyramid taps held at once (64 MiB of float32)
 # Each network's outputs, in the order the manifest lists them (the shipped ONNX files' names):
 #   pnet: box regression, face probability          (conv2d_4, softmax)
@@ -44,6 +51,7 @@ class MtcnnParams:
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     scale_factor: float = 0.709
     score_threshold: float | None = None  # single-network detectors (SCRFD, YuNet); None: their default
+    max_faces: int = 100  # the best-scoring faces kept (by the caller of the detector, for every detector)
 
 
 # eq=False: the generated __eq__ would compare tensors elementwise and fail on truth testing.
@@ -295,6 +303,28 @@ def pyramid(height: int, width: int, params: MtcnnParams) -> list[float]:
     return scales
 
 
+def pyramid_pixels(height: int, width: int, params: MtcnnParams) -> int:
+    """Pixels pnet reads over the whole pyramid: its work grows with them (``(12 / min_face_size)² · H·W /
+    (1 − scale_factor²)``)."""
+    return sum(math.ceil(width * s) * math.ceil(height * s) for s in pyramid(height, width, params))
+
+
+def fit_min_face_size(height: int, width: int, params: MtcnnParams, budget: int) -> int:
+    """The smallest ``min_face_size`` (at least ``params``') whose pyramid stays within ``budget`` pixels."""
+    estimate = 12.0 * math.sqrt(height * width / (budget * (1.0 - params.scale_factor**2)))
+    size = max(params.min_face_size, math.floor(estimate))
+    while pyramid_pixels(height, width, dataclasses.replace(params, min_face_size=size)) > budget:
+        size += max(1, size // 50)
+    return size
+
+
+def _best(scores: torch.Tensor, limit: int) -> torch.Tensor | None:
+    """Indices of the ``limit`` best ``scores`` in their original order, or None when all fit."""
+    if scores.shape[0] <= limit:
+        return None
+    return torch.sort(torch.topk(scores, limit, sorted=False).indices).values
+
+
 def pnet_inputs(image: torch.Tensor, scales: list[float]) -> list[torch.Tensor]:
     """pnet's input for each pyramid level, [1, W', H', 3] float32 on the image's device: the uint8 image
     resized as the reference does (``cv2.resize(..., INTER_AREA)``, :func:`_resize_u8`), normalised."""
@@ -390,12 +420,18 @@ def stage1(
         if cells.shape[0] == 1:  # the reference then reads the regression mirrored along x (np.flipud)
             xs = face.shape[0] - 1 - xs
         regs = reg[0, xs, ys, :].to(torch.float64)
+        best = _best(scores, MAX_CELLS_PER_LEVEL)
+        if best is not None:
+            boxes, scores, regs = boxes[best], scores[best], regs[best]
         keep = nms(boxes, scores, 0.5)
         found.append(torch.cat([boxes[keep], scores[keep, None], regs[keep]], dim=1))
     if not found:
         return _empty_boxes(outputs[0][1].device if outputs else device)
     cand = torch.cat(found)
-    cand = cand[nms(cand[:, :4], cand[:, 4], 0.7)]
+    best = _best(cand[:, 4], MAX_PROPOSALS)
+    if best is not None:
+        cand = cand[best]
+    cand = cand[nms(cand[:, :4], cand[:, 4], 0.7)[:MAX_CANDIDATES]]  # best first
     boxes = _regress(cand[:, :4], cand[:, 5:9], inclusive=False)
     return torch.cat([torch.trunc(_square(boxes)), cand[:, 4:5]], dim=1)
 

@@ -45,6 +45,7 @@ class NetworkStep(Step):
         feeds, valid, responses = [], [], [None] * len(requests)
         for index, request in enumerate(requests):
             try:
+                self.admit(request)
                 feeds.append({name: self.check(name, self.tensor(request, name)) for name in self.runner.input_names})
                 valid.append(index)
             except InvalidInputError as exc:

@@ -186,7 +186,7 @@ class ReconstructFace(FaceFinder):
                 f"parameter 'method' = {method!r} is not configured on this server (offered: {', '.join(offered)})"
             )
         image = self.image(self.single_image(request))
-        faces = await self.detect(image, DEFAULT_PARAMS)
+        faces = await self.detect(image, DEFAULT_PARAMS, fit=True)
         chosen = faces.select(choose(faces, parameters["faces"]))
         if method == "mesh":
             result = await self.from_mesh(image, chosen)

@@ -21,7 +21,7 @@ from imgpipe.ensembles import background
 from imgpipe.ensembles.step import Outputs, Step
 from imgpipe.errors import InvalidInputError
 from imgpipe.imaging import IntakeLimits, decode_images, encode_image
-from imgpipe.pipelines.remove_background import MASK, ORIGINAL, PIXELS, SIZE, Settings
+from imgpipe.pipelines.remove_background import CONTRACT, MASK, ORIGINAL, PIXELS, SIZE, Settings
 
 
 def _options(step: Step, request: Any) -> background.Options:
@@ -71,6 +71,7 @@ class Preprocess(Step):
             torch.cuda.synchronize(self.device)
 
     def handle(self, request: Any) -> Outputs:
+        CONTRACT.parse_parameters(self.request_parameters(request))  # it has none: an unknown one is refused
         _options(self, request)  # validated here too, so a bad option fails before the segmenter runs
         items = self.bytes_items(request, "IMAGE")
         if not items:

@@ -32,12 +32,22 @@ import numpy as np
 import torch
 
 from imgpipe.errors import InvalidInputError
+from imgpipe.guard import INTERNAL_KEY_PARAM, VISIBILITY_PARAM, check_internal, internal_key
 
 Outputs = dict[str, "np.ndarray | torch.Tensor"]
 
 
 class InnerModelError(RuntimeError):
     """A model called through BLS failed for a reason that is not the caller's."""
+
+
+class OverloadedError(RuntimeError):
+    """A model called through BLS shed the request (its queue was full, or the request waited past the queue's
+    timeout): the server is busy, not broken. Answered UNAVAILABLE, which a client may retry after a pause."""
+
+
+# What Triton says when a queue policy rejects a request (the code is lost on the way back through BLS).
+OVERLOAD_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
 
 
 # Triton 24.x loses the error code of a response that reaches a BLS model: every error arrives as
@@ -100,6 +110,12 @@ class Step:
         # garbage sizes and a crashed server under load before this).
         self._alive: collections.deque[tuple[torch.Tensor, ...]] = collections.deque(maxlen=KEEP_ALIVE)
         self.device = instance_device(args, self.log_warn)
+        # Who may call this model (imgpipe.guard): an internal one refuses requests without this server's key.
+        self.visibility = self.parameters.get(VISIBILITY_PARAM, "public")
+        self.internal_key = internal_key()
+        # Triton runs the config's warmup samples through execute right after initialize, before the model
+        # can be reached, without parameters: that many keyless requests are admitted first, and no more.
+        self._warmups = sum(max(1, int(w.get("count", 1) or 1)) for w in self.config.get("model_warmup", []))
         self.settings: Any = None
         if self.settings_type is not None and "imgpipe.settings" in self.parameters:
             from imgpipe.manifest import from_table
@@ -138,10 +154,18 @@ class Step:
             print(message, file=sys.stderr)
 
     # -- Triton entry point ------------------------------------------------------------------
+    def admit(self, request: Any) -> None:
+        """Refuse a request from outside to an internal model (:mod:`imgpipe.guard`)."""
+        if self._warmups > 0:
+            self._warmups -= 1
+            return
+        check_internal(self.name, self.visibility, self._raw_parameters(request), self.internal_key)
+
     def execute(self, requests: Sequence[Any]) -> list[Any]:
         responses = []
         for request in requests:
             try:
+                self.admit(request)
                 responses.append(self.response(self.handle(request)))
             except Exception as exc:  # keep serving: one failed request must not take the batch down
                 responses.append(self.failure(exc, request))
@@ -153,6 +177,8 @@ class Step:
         if isinstance(exc, InvalidInputError):
             mark = BLS_MARK if request is not None and BLS_CALLER in self._raw_parameters(request) else ""
             return self.error(f"{mark}{exc}", self.pb.TritonError.INVALID_ARG)
+        if isinstance(exc, OverloadedError):
+            return self.error(str(exc), self.pb.TritonError.UNAVAILABLE)
         self.log_error(f"{self.name}: unexpected error\n{''.join(traceback.format_exception(exc))}")
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[0][:300]
         return self.error(f"{self.name} failed: {detail}", self.pb.TritonError.INTERNAL)
@@ -245,6 +271,7 @@ class Step:
         """The request's parameters (Triton request parameters, sent by the client)."""
         parameters = self._raw_parameters(request)
         parameters.pop(BLS_CALLER, None)
+        parameters.pop(INTERNAL_KEY_PARAM, None)
         return parameters
 
 
@@ -262,6 +289,7 @@ class BlsStep(Step):
     async def execute(self, requests: Sequence[Any]) -> list[Any]:  # type: ignore[override]
         async def one(request: Any) -> Any:
             try:
+                self.admit(request)
                 return self.response(await self.handle_async(request))
             except Exception as exc:
                 return self.failure(exc, request)
@@ -294,7 +322,10 @@ class BlsStep(Step):
             requested_output_names=list(outputs),
             inputs=[self.to_triton(k, v) for k, v in inputs.items()],
             preferred_memory=self._memory(),
-            parameters={BLS_CALLER: self.name},
+            parameters={
+                BLS_CALLER: self.name,
+                **({INTERNAL_KEY_PARAM: self.internal_key} if self.internal_key else {}),
+            },
         )
         self.settle(inputs.values())
         response = await request.async_exec()
@@ -305,6 +336,8 @@ class BlsStep(Step):
             if BLS_MARK in message or code == self.pb.TritonError.INVALID_ARG:
                 raise InvalidInputError(message[message.index(BLS_MARK) + len(BLS_MARK) :] if BLS_MARK in message
                                         else message)  # fmt: skip
+            if any(m in message for m in OVERLOAD_MESSAGES):
+                raise OverloadedError(f"the server is busy: {model} shed the request ({message[:80]}); retry later")
             raise InnerModelError(f"{model}: {message}")
         return [self.from_triton(self.pb.get_output_tensor_by_name(response, n)) for n in outputs]
 

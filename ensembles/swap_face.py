@@ -105,7 +105,7 @@ class SwapFace(FaceFinder):
         source = self.image(self.single_image(request, "SOURCE"))
         target = self.image(self.single_image(request, "TARGET"))
         source_faces, target_faces = await asyncio.gather(
-            self.detect(source, DEFAULT_PARAMS), self.detect(target, DEFAULT_PARAMS)
+            self.detect(source, DEFAULT_PARAMS, fit=True), self.detect(target, DEFAULT_PARAMS, fit=True)
         )
         if len(source_faces) == 0:
             raise InvalidInputError("no face found in the source image")

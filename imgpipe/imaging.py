@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import functools
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from imgpipe.errors import InvalidInputError
+from imgpipe.manifest import QueuePolicy, pipeline_queue
 
 if TYPE_CHECKING:
     import torch
@@ -102,13 +103,16 @@ def check_limits(settings: Any) -> None:
 
 @dataclass(frozen=True)
 class IntakeSettings:
-    """The intake limits as a pipeline's manifest keys: every pipeline's ``Settings`` inherits them (and
-    calls this ``__post_init__``). Past a limit a request gets INVALID_ARG, before any pixel is decoded."""
+    """A pipeline's front door as manifest keys, inherited by every pipeline's ``Settings`` (which call this
+    ``__post_init__``): the intake limits (past one a request gets INVALID_ARG, before any pixel is decoded)
+    and ``queue``, the bounded queue of the pipeline's own models (``[pipelines.<name>.queue]``: past
+    ``max_queue_size`` waiting requests a caller gets UNAVAILABLE at once, before its image is decoded)."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
     max_bytes: int = DEFAULT_MAX_BYTES  # the encoded size
     max_side: int = DEFAULT_MAX_SIDE
     max_aspect: float = DEFAULT_MAX_ASPECT  # longest side / shortest side
+    queue: QueuePolicy = field(default_factory=pipeline_queue)
 
     def __post_init__(self) -> None:
         check_limits(self)

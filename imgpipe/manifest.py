@@ -82,12 +82,38 @@ class Source:
             raise ManifestError("sha256: expected 64 lowercase hex digits")
 
 
+# Every model's queue is bounded and has a timeout (issue 12): past ``max_queue_size`` waiting requests Triton
+# answers UNAVAILABLE at once ("Exceeds maximum queue size") instead of letting the backlog grow, and a request
+# that waited ``default_timeout_us`` in the queue is answered UNAVAILABLE instead of being run for a caller who
+# has most likely given up. Networks are called by the pipelines' BLS models (one detection fans out into a
+# pyramid of pnet calls and batches of crops), so their queues are deeper than the pipelines' own.
+NETWORK_QUEUE_SIZE = 256
+PIPELINE_QUEUE_SIZE = 128  # above the load tests' and `imgpipe bench`'s highest concurrency (64)
+QUEUE_TIMEOUT_US = 60_000_000
+
+
 @dataclass(frozen=True)
 class QueuePolicy:
-    max_queue_size: int = 0
+    """Triton's ``default_queue_policy``. Triton reads 0 as unbounded / no timeout; imgpipe refuses both.
+    ``allow_timeout_override``: a request may ask for a shorter queue timeout (its ``timeout`` parameter)."""
+
+    max_queue_size: int = NETWORK_QUEUE_SIZE
     timeout_action: Literal["REJECT", "DELAY"] = "REJECT"
-    default_timeout_us: int = 0
+    default_timeout_us: int = QUEUE_TIMEOUT_US
     allow_timeout_override: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_queue_size < 1:
+            raise ManifestError(
+                "max_queue_size: must be at least 1 (every queue is bounded; Triton reads 0 as unbounded)"
+            )
+        if self.default_timeout_us < 1:
+            raise ManifestError("default_timeout_us: must be at least 1 (every queue has a timeout; 0 would be none)")
+
+
+def pipeline_queue() -> QueuePolicy:
+    """A pipeline's public model's queue: shallower than a network's, and callers may shorten the timeout."""
+    return QueuePolicy(max_queue_size=PIPELINE_QUEUE_SIZE, allow_timeout_override=True)
 
 
 @dataclass(frozen=True)

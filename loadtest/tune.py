@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.loadtest import run as loadrun
-from imgpipe.manifest import ManifestError, apply_override, parse_manifest, tomllib
+from imgpipe.manifest import NETWORK_QUEUE_SIZE, ManifestError, apply_override, parse_manifest, tomllib
 
 Assignments = dict[str, Any]  # dotted manifest key → value
 
@@ -47,7 +47,7 @@ KNOBS = (
     Knob("step_instances", (1, 2)),
     Knob("encode_instances", (1, 2)),
     Knob("network_instances", (1, 2)),
-    Knob("queue", ("unbounded", "bounded")),
+    Knob("queue", ("deep", "bounded")),
 )
 
 
@@ -116,7 +116,8 @@ def assignments_for(
             for net in networks:
                 out[f"networks.{net}.instances.count"] = value
         elif knob == "queue":
-            size = 0 if value == "unbounded" else 4 * users  # 0: Triton's unlimited queue
+            # deep: the manifest's default network queue (every queue is bounded); bounded: 4 × users
+            size = NETWORK_QUEUE_SIZE if value == "deep" else 4 * users
             for net in networks:
                 out[f"networks.{net}.batching.queue.max_queue_size"] = size
                 out[f"networks.{net}.batching.queue.timeout_action"] = "REJECT"

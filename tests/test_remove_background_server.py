@@ -264,7 +264,8 @@ def test_remove_bg_command_writes_the_chosen_format(server, tmp_path: Path) -> N
 
 
 def test_internal_models_refuse_inconsistent_inputs_as_the_callers_mistake(client: TritonClient) -> None:
-    """Found by probing the server: bg_postprocess and pnet called directly with bad shapes answered INTERNAL."""
+    """Found by probing the server: bg_postprocess called directly with bad shapes answered INTERNAL (it is an
+    ensemble step, callable from outside: Triton forwards the caller's request to it unchanged)."""
     mask = np.zeros((1, 256, 256, 1), np.float32)  # the selfie segmenter's output
     original = np.zeros((1, 10, 10, 3), np.uint8)
     for size, message in (
@@ -279,8 +280,4 @@ def test_internal_models_refuse_inconsistent_inputs_as_the_callers_mistake(clien
     good = client.infer("bg_postprocess", {"MASK": mask, "ORIGINAL": original, "SIZE": np.array([[10, 10]], np.int32)},
                         ["OUTPUT"])  # fmt: skip
     assert good["OUTPUT"].shape == (1, 1)
-    with pytest.raises(
-        InferenceError, match=r"'input_1' has shape \[4, 4, 3\]: each dimension must be at least"
-    ) as info:
-        client.infer("pnet", {"input_1": np.zeros((1, 4, 4, 3), np.float32)}, ["conv2d_4"])
-    assert info.value.is_invalid_argument
+    # pnet is internal now: an outside caller is refused before its shapes are looked at (test_work_limits).

@@ -173,6 +173,5 @@ class Colorize(Pipeline):
                 ctx.manifest,
                 roles,
                 max_batch_size=settings.max_batch_size,  # the network calls split at each one's own
-                dynamic_batching=True,
             )
         ]

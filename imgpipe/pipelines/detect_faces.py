@@ -31,13 +31,18 @@ MESH = IO(
     optional=True,
 )
 
-# Request parameters of the detector; swap_face accepts none of them (it uses the defaults).
+# Request parameters of the detector; swap_face accepts none of them (it uses the defaults). The ranges bound
+# the work one request can ask for (issue 12: thresholds 0 with scale factor 0.95 once took 20-40 s on a 256²
+# image): a scale step above 0.85 multiplies pnet's work (1 / (1 - step²): 2.0x at 0.709, 3.6x at 0.85, 10x at
+# 0.95); the MTCNN stages keep their best candidates (ensembles.mtcnn.MAX_CANDIDATES), and the pyramid is held
+# to the pipeline's max_pyramid_pixels.
 DETECTOR_PARAMETERS = (
     Param("min_face_size", "int", 20, "smallest face to find, in pixels (MTCNN)", low=12, high=10_000),
-    Param("pnet_threshold", "float", 0.6, "MTCNN proposal-stage threshold", low=0.0, high=1.0),
-    Param("rnet_threshold", "float", 0.7, "MTCNN refinement-stage threshold", low=0.0, high=1.0),
-    Param("onet_threshold", "float", 0.7, "MTCNN output-stage threshold", low=0.0, high=1.0),
-    Param("scale_factor", "float", 0.709, "MTCNN image-pyramid scale step", low=0.1, high=0.95),
+    Param("pnet_threshold", "float", 0.6, "MTCNN proposal-stage threshold", low=0.05, high=1.0),
+    Param("rnet_threshold", "float", 0.7, "MTCNN refinement-stage threshold", low=0.05, high=1.0),
+    Param("onet_threshold", "float", 0.7, "MTCNN output-stage threshold", low=0.05, high=1.0),
+    Param("scale_factor", "float", 0.709, "MTCNN image-pyramid scale step", low=0.5, high=0.85),
+    Param("max_faces", "int", 100, "the most faces returned, best scores first", low=1, high=1000),
     Param(
         "score_threshold",
         "float",
@@ -81,9 +86,17 @@ class Settings(IntakeSettings):
     onet: str = "onet"
     instances: Instances = field(default_factory=Instances)
     mesh: str = "face_mesh"  # the face landmark network behind the MESH output ("" = no MESH)
+    # MTCNN's work bound: pixels over its whole image pyramid (a 12-megapixel photo at min_face_size 20: 8.7 M).
+    # detect_faces refuses a request past it, naming the min_face_size that fits; swap_face and
+    # reconstruct_face (which take no detector parameters) raise their min_face_size to fit instead.
+    max_pyramid_pixels: int = 16_000_000
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the intake limits
+        if self.max_pyramid_pixels < 144:
+            raise ManifestError(
+                f"max_pyramid_pixels: must be at least 144 (one pnet window), got {self.max_pyramid_pixels}"
+            )
         if isinstance(self.input_size, _DefaultSize):  # not set: the detector's own size, a plain int
             object.__setattr__(self, "input_size", DETECTOR_INPUT_SIZES.get(self.detector, int(self.input_size)))
         if self.detector == "blazeface" and self.input_size != DETECTOR_INPUT_SIZES["blazeface"]:

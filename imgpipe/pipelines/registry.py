@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from imgpipe.errors import InvalidInputError
+from imgpipe.guard import Visibility
 from imgpipe.manifest import Instances
 
 if TYPE_CHECKING:
@@ -201,6 +202,9 @@ class Pipeline:
     settings: ClassVar[type]  # frozen dataclass: what the manifest's [pipelines.<name>] table may hold
     contract: ClassVar[Contract]
     requires: ClassVar[tuple[str, ...]] = ()  # other pipelines whose settings this one reads
+    # Models besides ``contract.model`` that outside callers may call; the pipeline's other models are internal
+    # (imgpipe.guard).
+    also_public: ClassVar[tuple[str, ...]] = ()
 
     def networks(self, settings: Any) -> dict[str, str]:
         """Settings key → network name of every manifest network this pipeline calls."""
@@ -251,6 +255,26 @@ def load_plugin(entry: str, base: Path) -> Path | None:
     return path.parent
 
 
+def model_visibility(manifest: Manifest, cache_dir: Path | None = None) -> dict[str, Visibility]:
+    """Who may call each model of the manifest's repository (:mod:`imgpipe.guard`): the pipelines' public
+    models ``public``; the steps of an ensemble (which get the caller's request unchanged) ``ensemble-step``;
+    every other model and network ``internal`` (networks no pipeline names are absent: internal too)."""
+    from imgpipe.paths import CACHE_DIR
+
+    ctx = BuildContext(manifest, cache_dir or CACHE_DIR)
+    known = registry()
+    visibility: dict[str, Visibility] = {}
+    for name, settings in manifest.pipelines.items():
+        for spec in known[name].models(ctx, settings):
+            visibility.setdefault(spec.name, "internal")
+            for step in spec.steps:  # an ensemble's
+                visibility[step.model_name] = "ensemble-step"
+    for name in manifest.pipelines:
+        for model in (known[name].contract.model, *known[name].also_public):
+            visibility[model] = "public"
+    return visibility
+
+
 # -- helpers for pipeline modules ---------------------------------------------------------------
 
 
@@ -287,13 +311,16 @@ def python_model(
     max_batch_size: int = 0,
     contract: Contract | None = None,
     networks: str | None = None,
-    dynamic_batching: bool = False,
     extra: Mapping[str, str] | None = None,
 ) -> ModelSpec:
     """A Python-backend model run by the generic adapter: the step class and its settings travel in
-    the config's parameters."""
+    the config's parameters.
+
+    Every such model gets Triton's dynamic batcher for its queue policy, the pipeline settings' ``queue``
+    (bounded, with a timeout): unbatched models too (``max_batch_size`` 0), where the batcher forms no
+    batches but still bounds the queue; with ``max_batch_size`` > 0 it gathers concurrent requests into batches."""
     from imgpipe.build.triton_config import ModelSpec, instance_groups
-    from imgpipe.manifest import Batching
+    from imgpipe.manifest import Batching, pipeline_queue
 
     parameters = {"imgpipe.step": step_name(step), "imgpipe.settings": settings_json(settings)}
     if networks is not None:
@@ -310,7 +337,10 @@ def python_model(
         inputs=inputs,
         outputs=outputs,
         max_batch_size=max_batch_size,
-        batching=Batching(max_batch_size=max_batch_size) if dynamic_batching and max_batch_size else None,
+        batching=Batching(
+            max_batch_size=max(1, max_batch_size),
+            queue=getattr(settings, "queue", None) or pipeline_queue(),
+        ),
         instance_groups=instance_groups(instances),
         parameters=parameters,
     )

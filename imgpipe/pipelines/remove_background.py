@@ -147,9 +147,7 @@ class RemoveBackground(Pipeline):
         output = CONTRACT.output("OUTPUT").tensor()
         original = Tensor(ORIGINAL, "UINT8", (-1, -1, 3))
         size = Tensor(SIZE, "INT32", (2,))
-        common: dict[str, Any] = dict(
-            settings=settings, instances=settings.instances, max_batch_size=batch, dynamic_batching=True
-        )
+        common: dict[str, Any] = dict(settings=settings, instances=settings.instances, max_batch_size=batch)
         pre = python_model(
             "bg_preprocess",
             Preprocess,
