@@ -16,7 +16,7 @@ import torch
 from PIL import ImageColor
 from torch.nn import functional as F
 
-from imgpipe.errors import InvalidInputError
+from imgpipe.errors import InvalidInputError, quote
 from imgpipe.pipelines.remove_background import CONTRACT, Settings
 
 INPUT_SIZE = (1024, 1024)
@@ -53,7 +53,7 @@ def parse_options(mode: str | None, background: str | None, fmt: str | None = No
             colour = ImageColor.getrgb(background.strip())[:3]  # type: ignore[assignment]
         except ValueError:
             raise InvalidInputError(
-                f"unsupported BACKGROUND {background!r}: expected a colour such as '#00ff00' or 'white'"
+                f"unsupported BACKGROUND {quote(background)}: expected a colour such as '#00ff00' or 'white'"
             ) from None
     return Options(mode=mode, background=colour, format=fmt)  # type: ignore[arg-type]
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from imgpipe.errors import InvalidInputError
-from imgpipe.guard import INTERNAL_KEY_PARAM, VISIBILITY_PARAM, check_internal, internal_key
+from imgpipe.guard import INTERNAL_KEY_PARAM, VISIBILITY_PARAM, carries_key, check_internal, internal_key
 
 Outputs = dict[str, "np.ndarray | torch.Tensor"]
 
@@ -175,7 +175,9 @@ class Step:
         """The error response for an exception: INVALID_ARG for the caller's mistakes; anything else
         is logged with its traceback on the server and answered INTERNAL with one short line."""
         if isinstance(exc, InvalidInputError):
-            mark = BLS_MARK if request is not None and BLS_CALLER in self._raw_parameters(request) else ""
+            parameters = self._raw_parameters(request) if request is not None else {}
+            # Marked for a BLS caller only: an outside caller naming itself one gets the plain sentence.
+            mark = BLS_MARK if BLS_CALLER in parameters and carries_key(parameters, self.internal_key) else ""
             return self.error(f"{mark}{exc}", self.pb.TritonError.INVALID_ARG)
         if isinstance(exc, OverloadedError):
             return self.error(str(exc), self.pb.TritonError.UNAVAILABLE)

@@ -271,14 +271,21 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _serve_until(server: TritonServer, stop: threading.Event) -> int:
+    """Serve until Ctrl-C/SIGTERM (drain, exit 0), or until the server stops by itself: the supervisor gave
+    up on a model (exit 1, so an orchestrator restarts the pod) or tritonserver died (exit 1)."""
     while not stop.wait(0.5):
+        if server.failure:
+            server.stop()  # the supervisor's stop may still be draining
+            err.print(f"[red]the supervisor stopped tritonserver: {server.failure}[/]")
+            return 1
         if not server.is_running():
             err.print("[red]tritonserver exited unexpectedly[/]")
             err.print(server.log[-4000:])
             return 1
-    console.print("stopping tritonserver …")
+    console.print(f"stopping tritonserver (draining requests in flight, up to {server.exit_timeout_s:.0f} s) …")
     server.stop()
-    console.print("stopped")
+    restarts = f" ({server.restarts} model restart(s) by the supervisor)" if server.restarts else ""
+    console.print(f"stopped{restarts}")
     return 0
 
 
@@ -290,7 +297,12 @@ def serve(
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
     log_verbose: Annotated[int, typer.Option(help="Triton's --log-verbose level.")] = 0,
     cache_mib: Annotated[int, typer.Option(help="Response cache size in MiB (models with response_cache).")] = 0,
-    poll_secs: Annotated[int, typer.Option(help="Poll the repository every N s for new versions (0: off).")] = 0,
+    poll_secs: Annotated[
+        int,
+        typer.Option(help="Poll the repository every N s for new versions (0: off). Triton refuses model control "
+                     "in poll mode, so the supervisor cannot reload a model whose stub died: it stops the server "
+                     "(exit 1) for the orchestrator to restart it."),
+    ] = 0,
     host: Annotated[
         str, typer.Option(envvar="IMGPIPE_HOST", help="Address HTTP, gRPC and metrics bind to (0.0.0.0: all).")
     ] = "127.0.0.1",
@@ -328,11 +340,29 @@ def serve(
         typer.Option("--triton-arg", help="Extra tritonserver flag, e.g. --triton-arg=--http-thread-count=4 "
                      "(repeatable; applied last)."),
     ] = None,
+    supervise: Annotated[
+        bool,
+        typer.Option("--supervise/--no-supervise", envvar="IMGPIPE_SUPERVISE",
+                     help="Reload a model whose Python-backend stub died (explicit model control; gives up, "
+                     "exit 1, after 3 failed reloads in 5 minutes or a crash loop)."),
+    ] = True,
+    grace_secs: Annotated[
+        float,
+        typer.Option(envvar="IMGPIPE_GRACE_SECS", help="SIGTERM drain: the longest wait for requests in flight "
+                     "and open HTTP connections (Triton's --exit-timeout-secs)."),
+    ] = 30.0,
+    open_internal_models: Annotated[
+        bool,
+        typer.Option("--open-internal-models", help="Internal networks and steps become callable from outside "
+                     "(no internal key): for debugging, and perf_analyzer on a single network."),
+    ] = False,
 ) -> None:  # fmt: skip
-    """Start the local tritonserver on the repository, wait until ready, serve until Ctrl-C/SIGTERM."""
+    """Start the local tritonserver on the repository, wait until ready, serve until Ctrl-C/SIGTERM (then drain)."""
     from imgpipe.server import WILDCARD_HOSTS, GrpcTls, Ports, Restriction, ServerError, host_port
 
     try:
+        if grace_secs < 0:
+            raise ServerError("--grace-secs must be at least 0")
         restriction = (
             Restriction(admin_key, admin_header, tuple(a.strip() for a in restrict.split(",") if a.strip()))
             if admin_key
@@ -354,6 +384,9 @@ def serve(
         grpc_tls=tls,
         metrics=metrics,
         extra_args=tuple(triton_args or ()),
+        supervise=supervise,
+        grace_s=grace_secs,
+        open_internal_models=open_internal_models,
     )
     stop = _stop_on_signals()
     try:
@@ -372,6 +405,11 @@ def serve(
     table.add_row("metrics", f"http://{host_port(host, metrics_port)}/metrics" if metrics else "off", "")
     if restriction:
         table.add_row("admin APIs", ", ".join(restriction.apis), f"key in header '{restriction.header}'")
+    elif server.admin:
+        table.add_row("model control", "model-repository", "the supervisor's own key (set --admin-key to use it)")
+    table.add_row("supervisor", "on" if supervise else "off", f"model control {server.model_control_mode}")
+    if open_internal_models:
+        table.add_row("internal models", "callable from outside", "--open-internal-models")
     console.print(table)
     if host not in ("127.0.0.1", "localhost", "::1"):
         exposed = "every interface" if host in WILDCARD_HOSTS else host

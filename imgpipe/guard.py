@@ -44,10 +44,15 @@ def internal_key() -> str | None:
 def check_internal(model: str, visibility: str, parameters: Mapping[str, Any], key: str | None) -> None:
     """Refuse a request to an ``internal`` model that does not carry ``key`` (a caller from outside); the key
     is compared in constant time."""
-    if visibility != "internal" or key is None:
-        return
-    given = parameters.get(INTERNAL_KEY_PARAM)
-    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), key.encode()):
+    if visibility == "internal" and not carries_key(parameters, key):
         raise InvalidInputError(
             f"model '{model}' is internal to imgpipe and not callable from outside; call a pipeline"
         )
+
+
+def carries_key(parameters: Mapping[str, Any], key: str | None) -> bool:
+    """Whether a request's parameters carry this server's internal key (True where no key is set)."""
+    if key is None:
+        return True
+    given = parameters.get(INTERNAL_KEY_PARAM)
+    return isinstance(given, str) and hmac.compare_digest(given.encode(), key.encode())

@@ -94,7 +94,8 @@ class PipelineUser(User):
         self.protocol = options.protocol
         if options.think_ms > 0:
             self.wait_time = between(0, 2 * options.think_ms / 1000)  # mean think_ms
-        self.client = TritonClient(self.host, options.protocol, timeout_s=options.request_timeout)
+        # retry=None: a load test reports what the server answered (queue full, unavailable), not a retried success
+        self.client = TritonClient(self.host, options.protocol, timeout_s=options.request_timeout, retry=None)
         self.call = scenarios.request_for(self.pipeline, _photos(options.pipeline, options.sizes))
         self.count = 0
 

@@ -243,8 +243,12 @@ class Tuner:
         networks = [m for m in models if m in base["networks"]]
         self._steps = [m for m in models if m not in networks and m != self.pipeline]  # an ensemble's steps
         args = ("--model-control-mode=explicit", *(f"--load-model={m}" for m in models))
-        server = TritonServer(repo, Ports(*free_ports(3)), extra_args=args, log_path=self.folder / "tritonserver.log")
-        with server, TritonClient(server.grpc_url, "grpc") as client:
+        # No stub supervisor (the tuner unloads and reloads models itself) and no client retries: a trial
+        # measures the server's raw outcomes.
+        server = TritonServer(
+            repo, Ports(*free_ports(3)), extra_args=args, log_path=self.folder / "tritonserver.log", supervise=False
+        )
+        with server, TritonClient(server.grpc_url, "grpc", retry=None) as client:
             for label, knobs in self.points(base):
                 if len(self.results) >= self.trials:
                     break

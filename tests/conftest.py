@@ -25,6 +25,15 @@ TEST_WIDTH = 4
 TEST_MAX_PIXELS = 4_000_000
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full",
+        action="store_true",
+        default=False,
+        help="the reliability suite's full fuzz corpus (10,000 requests instead of the CI sample of 1,000)",
+    )
+
+
 def manifest_data() -> dict:
     """The default manifest as a dict, shrunk for tests (a fresh copy each call, free to modify)."""
     data = tomllib.loads(DEFAULT_MANIFEST.read_text())
@@ -102,3 +111,31 @@ def serve_banner(proc: subprocess.Popen, timeout_s: float) -> list[str]:
         if "Ctrl-C stops the server" in line:
             break
     return seen
+
+
+# A one-model repository (a Python echo of an FP32 vector) for tests of the launcher itself: it loads in a second.
+ECHO_CONFIG = """name: "echo"
+backend: "python"
+max_batch_size: 0
+input [{ name: "X" data_type: TYPE_FP32 dims: [-1] }]
+output [{ name: "Y" data_type: TYPE_FP32 dims: [-1] }]
+instance_group [{ kind: KIND_CPU count: 1 }]
+"""
+ECHO_MODEL = """import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [
+            pb_utils.InferenceResponse([pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())])
+            for r in requests
+        ]
+"""
+
+
+def write_echo_repository(root: Path) -> Path:
+    """``root`` holding the echo model (``echo``, version 1)."""
+    (root / "echo" / "1").mkdir(parents=True)
+    (root / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
+    (root / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
+    return root

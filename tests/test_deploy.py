@@ -73,6 +73,10 @@ def test_the_pieces_agree(rendered: dict[str, list[dict]]) -> None:
     cpu_container = _one(cpu, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in cpu_container["resources"]["limits"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # imgpipe serve, not a bare tritonserver: the stub supervisor, the drain and the internal-model key come with it
+    assert container["command"] == ["imgpipe", "serve"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["IMGPIPE_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "imgpipe-admin"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     pod = _one(gpu, "Deployment")["spec"]["template"]
     assert pod["spec"]["securityContext"]["runAsNonRoot"] and pod["spec"]["securityContext"]["runAsUser"] >= 10000

@@ -2,15 +2,13 @@
 generated, seeded corpus of broken and unusual payloads (issue 12): each payload either decodes to a
 correct RGB/RGBA ``uint8`` array or is refused with :class:`InvalidInputError`, a short sentence that
 quotes at most a few dozen characters of the input. A bounded sample of the corpus is then sent to the
-served pipelines: INVALID_ARG or success, never INTERNAL, and the server keeps serving."""
+served pipelines: INVALID_ARG or success, never INTERNAL, and the server keeps serving. The corpus is built
+in tests/fuzz.py (shared with the reliability suite)."""
 
 from __future__ import annotations
 
 import io
 import random
-import struct
-import warnings
-import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -30,254 +28,21 @@ from imgpipe.manifest import ManifestError
 from imgpipe.pipelines import colorize
 from imgpipe.pipelines import detect_faces as detect_settings
 from imgpipe.pipelines import remove_background as rb_settings
+from tests.fuzz import (
+    MAX_MESSAGE,
+    SEED,
+    base_image,
+    build_png,
+    corrupt_exif,
+    echoes,
+    exif_jpeg,
+    image_corpus,
+    save,
+    special_cases,
+)
 
-SEED = 12
-MAX_MESSAGE = 300
-MAX_ECHO = 40  # the longest run of the caller's input a message may quote
-
-# -- building payloads -----------------------------------------------------------------------------
-
-
-def _base(height: int = 48, width: int = 64, seed: int = SEED) -> np.ndarray:
-    """A small RGB image with structure (gradients) and noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    image = np.dstack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x + y) % 256]).astype(np.int64)
-    return (image + rng.integers(-20, 21, image.shape)).clip(0, 255).astype(np.uint8)
-
-
-def _save(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def _png(
-    width: int,
-    height: int,
-    depth: int,
-    colour: int,
-    raw: bytes,
-    before: tuple[bytes, ...] = (),
-    after: tuple[bytes, ...] = (),
-) -> bytes:
-    """A PNG from its parts: IHDR, chunks ``before`` IDAT, IDAT (``raw`` zlib-compressed), ``after``, IEND."""
-    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0))
-    body = b"".join(before) + _chunk(b"IDAT", zlib.compress(raw)) + b"".join(after)
-    return b"\x89PNG\r\n\x1a\n" + header + body + _chunk(b"IEND", b"")
-
-
-def _rows(array: np.ndarray) -> bytes:
-    """PNG scanlines (filter 0) of a big-endian array ``H×W×…``."""
-    return b"".join(b"\0" + row.tobytes() for row in array)
-
-
-def _exif_jpeg(jpeg: bytes, tiff: bytes) -> bytes:
-    """``jpeg`` with an APP1 EXIF segment holding ``tiff`` (a TIFF header and IFD) after its SOI."""
-    segment = b"Exif\0\0" + tiff
-    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(segment) + 2) + segment + jpeg[2:]
-
-
-def _corrupt_exif(rng: random.Random) -> bytes:
-    """A big-endian TIFF IFD whose first entry is Orientation 6, followed by random, mostly broken entries."""
-    entries = [struct.pack(">HHII", 0x0112, 3, 1, 6 << 16)]
-    for _ in range(rng.randint(2, 6)):
-        tag = rng.choice([0x8769, 0x8825, 0x010F, 0x9286, 0x927C, 0xA005, rng.randint(0, 65535)])
-        count = rng.choice([1, 2, 4, 100, 2**31 - 1, rng.randint(0, 2**32 - 1)])
-        entries.append(struct.pack(">HHII", tag, rng.randint(0, 14), count, rng.randint(0, 2**32 - 1)))
-    ifd = struct.pack(">H", len(entries)) + b"".join(entries) + struct.pack(">I", rng.choice([0, 8, 2**31]))
-    return b"MM\0*" + struct.pack(">I", 8) + ifd + rng.randbytes(rng.randint(0, 40))
-
-
-def _raising_exif(jpeg: bytes, rng: random.Random, count: int) -> list[bytes]:
-    """``count`` JPEGs with an Orientation-6 EXIF whose IFD is corrupt, two thirds of them ones that make
-    Pillow's own ``exif_transpose`` raise (found by a seeded search: about one random IFD in ten does)."""
-    raising, other = [], []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        while len(raising) < count * 2 // 3 or len(other) < count - count * 2 // 3:
-            data = _exif_jpeg(jpeg, _corrupt_exif(rng))
-            try:
-                image = Image.open(io.BytesIO(data))
-                image.load()
-                ImageOps.exif_transpose(image)
-            except Exception:  # what the intake must turn into InvalidInputError
-                raising.append(data)
-            else:
-                other.append(data)
-    return raising[: count * 2 // 3] + other[: count - count * 2 // 3]
-
-
-def _patch_jpeg_size(jpeg: bytes, height: int, width: int) -> bytes:
-    at = jpeg.index(b"\xff\xc0") + 5  # SOF0: length (2), precision (1), then height, width
-    return jpeg[:at] + struct.pack(">HH", height, width) + jpeg[at + 4 :]
-
-
-def _webp_canvas(width: int, height: int) -> bytes:
-    """A VP8X WebP header declaring a ``width×height`` canvas and no image data."""
-    vp8x = b"VP8X" + struct.pack("<I", 10) + b"\0\0\0\0" + (width - 1).to_bytes(3, "little")
-    vp8x += (height - 1).to_bytes(3, "little")
-    return b"RIFF" + struct.pack("<I", 4 + len(vp8x)) + b"WEBP" + vp8x
-
-
-# Payloads with a known right answer: name → (bytes, check of decode_image(bytes, alpha=...) or None to
-# require a refusal).
-Check = Callable[[np.ndarray, bool], None]
-
-
-def _exact(expected_rgb: np.ndarray, expected_alpha: np.ndarray | None = None, tolerance: int = 0) -> Check:
-    def check(got: np.ndarray, alpha: bool) -> None:
-        channels = 4 if alpha and expected_alpha is not None else 3
-        assert got.shape == (*expected_rgb.shape[:2], channels) and got.dtype == np.uint8
-        assert np.abs(got[..., :3].astype(int) - expected_rgb).max() <= tolerance
-        if channels == 4:
-            np.testing.assert_array_equal(got[..., 3], expected_alpha)
-
-    return check
-
-
-def special_cases() -> dict[str, tuple[bytes, Check | None]]:
-    rng = np.random.default_rng(SEED)
-    base = _base()
-    cases: dict[str, tuple[bytes, Check | None]] = {}
-    cases["empty"] = (b"", None)
-    # 16-bit greyscale: scaled to 8 bits, not clipped to 255.
-    grey16 = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
-    expected = ((grey16.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
-    cases["grey16 (Pillow)"] = (_save(Image.fromarray(grey16), "PNG"), _exact(np.repeat(expected[..., None], 3, 2)))
-    raw = _rows(grey16.astype(">u2"))
-    trns = _chunk(b"tRNS", struct.pack(">H", int(grey16[0, 5])))
-    alpha16 = np.where(grey16 == grey16[0, 5], 0, 255).astype(np.uint8)
-    cases["grey16 + tRNS"] = (_png(64, 48, 16, 0, raw, (trns,)), _exact(np.repeat(expected[..., None], 3, 2), alpha16))
-    rgb16 = rng.integers(0, 65536, (20, 30, 3), dtype=np.uint16)
-    cases["rgb16"] = (_png(30, 20, 16, 2, _rows(rgb16.astype(">u2"))), _exact((rgb16 >> 8).astype(np.uint8), None, 1))
-    # CMYK JPEG: pure cyan, magenta, yellow and black bands.
-    cmyk = np.zeros((32, 48, 4), np.uint8)
-    cmyk[:8, :, 0] = cmyk[8:16, :, 1] = cmyk[16:24, :, 2] = cmyk[24:, :, 3] = 255
-    rgb = np.zeros((32, 48, 3), np.uint8)
-    rgb[:8] = (0, 255, 255)
-    rgb[8:16] = (255, 0, 255)
-    rgb[16:24] = (255, 255, 0)
-    cases["cmyk jpeg"] = (_save(Image.fromarray(cmyk, "CMYK"), "JPEG", quality=95), _exact(rgb, None, 12))
-    # LA and palette + transparency: RGBA with alpha, RGB without.
-    la = rng.integers(0, 256, (24, 40, 2), dtype=np.uint8)
-    cases["LA png"] = (_save(Image.fromarray(la, "LA"), "PNG"), _exact(np.repeat(la[..., :1], 3, 2), la[..., 1]))
-    palette = Image.fromarray(base).quantize(16)
-    indices = np.asarray(palette)
-    colours = np.asarray(palette.convert("RGB"))
-    cases["P + tRNS png"] = (
-        _save(palette, "PNG", transparency=0),
-        _exact(colours, np.where(indices == 0, 0, 255).astype(np.uint8)),
-    )
-    grey = base[..., 0].copy()
-    cases["L + tRNS png"] = (
-        _save(Image.fromarray(grey), "PNG", transparency=int(grey[0, 0])),
-        _exact(np.repeat(grey[..., None], 3, 2), np.where(grey == grey[0, 0], 0, 255).astype(np.uint8)),
-    )
-    cases["1-bit png"] = (
-        _save(Image.fromarray(grey > 128), "PNG"),
-        _exact(np.repeat(((grey > 128) * 255).astype(np.uint8)[..., None], 3, 2)),
-    )
-    # Animated: the first frame (WebP, APNG); GIF is not an accepted format.
-    frames = [Image.new("RGB", (40, 30), colour) for colour in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
-    first = np.asarray(frames[0])
-    cases["animated webp"] = (
-        _save(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True, duration=50),
-        _exact(first, None, 2),
-    )
-    cases["animated png"] = (
-        _save(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=50),
-        _exact(first),
-    )
-    cases["animated gif"] = (_save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50), None)
-    # EXIF orientation 6, intact: rotated.
-    tall = base[:, :20].copy()
-    oriented = _save(Image.fromarray(tall), "PNG", exif=_orientation(6))
-    cases["exif 6 png"] = (oriented, _exact(np.rot90(tall, -1)))
-    # Declared dimensions past the limits (checked from the header: no pixel is allocated).
-    line = b"\0" + b"\x80" * 100
-    cases["png 40000000x1"] = (_png(40_000_000, 1, 8, 0, line), None)
-    cases["png 1x40000000"] = (_png(1, 40_000_000, 8, 0, b"\0\x80" * 100), None)
-    cases["png 8000x8000"] = (_png(8000, 8000, 8, 0, line), None)
-    cases["png 16385x10"] = (_png(16385, 10, 8, 0, line), None)
-    cases["png 6500x100 (aspect 65)"] = (_png(6500, 100, 8, 0, line), None)
-    cases["png 0x0"] = (_png(0, 0, 8, 0, b""), None)
-    cases["png 6000x6000 truncated IDAT"] = (_png(6000, 6000, 8, 0, line), None)
-    jpeg = _save(Image.fromarray(base), "JPEG", quality=90)
-    cases["jpeg 65500x65500"] = (_patch_jpeg_size(jpeg, 65500, 65500), None)
-    cases["jpeg 60000x8"] = (_patch_jpeg_size(jpeg, 8, 60000), None)
-    cases["webp canvas 2^24x1"] = (_webp_canvas(2**24, 1), None)
-    cases["webp canvas 16384x16384"] = (_webp_canvas(16384, 16384), None)
-    # PNG text and ICC chunks that decompress past Pillow's MAX_TEXT_CHUNK (1 MiB), before and after IDAT.
-    png = _save(Image.fromarray(base), "PNG")
-    bomb = zlib.compress(b"a" * 5_000_000, 9)
-    for name, chunk in (
-        ("zTXt", _chunk(b"zTXt", b"comment\0\0" + bomb)),
-        ("iCCP", _chunk(b"iCCP", b"profile\0\0" + bomb)),
-        ("iTXt", _chunk(b"iTXt", b"comment\0\x01\0\0\0" + bomb)),
-    ):
-        cases[f"giant {name} before IDAT"] = (png[:33] + chunk + png[33:], None)
-        cases[f"giant {name} after IDAT"] = (png[:-12] + chunk + png[-12:], None)
-    # Not images; other formats; the caller's text must not come back.
-    cases["html"] = (b"<html><body>" + b"A" * 5000 + b"</body></html>", None)
-    cases["long ascii with png magic"] = (b"\x89PNG\r\n\x1a\n" + b"B" * 3000, None)
-    cases["bmp"] = (_save(Image.fromarray(base), "BMP"), None)
-    cases["tiff"] = (_save(Image.fromarray(base), "TIFF"), None)
-    return cases
-
-
-def _orientation(value: int) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = value
-    return exif.tobytes()
-
-
-def corpus(seed: int = SEED) -> list[tuple[str, bytes]]:
-    """≥ 300 seeded payloads: truncations, bit flips, corrupt EXIF, random bytes, and the special cases."""
-    rng = random.Random(seed)
-    base = Image.fromarray(_base())
-    valid = {
-        "jpeg": _save(base, "JPEG", quality=90),
-        "progressive jpeg": _save(base, "JPEG", quality=90, progressive=True),
-        "png": _save(base, "PNG"),
-        "webp": _save(base, "WEBP", quality=80),
-        "lossless webp": _save(base.convert("RGBA"), "WEBP", lossless=True),
-    }
-    payloads = [(name, data) for name, (data, _) in special_cases().items()]
-    payloads += list(valid.items())
-    for name, data in valid.items():
-        # Truncations: inside the header (every byte of the first 40) and at random offsets after it.
-        offsets = sorted(set(range(1, 40, 3)) | {rng.randrange(40, len(data)) for _ in range(20)})
-        payloads += [(f"{name} cut at {n}", data[:n]) for n in offsets]
-        for i in range(14):
-            flipped = bytearray(data)
-            for _ in range(rng.randint(1, 4)):
-                flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
-            payloads.append((f"{name} bit flips {i}", bytes(flipped)))
-    jpeg = valid["jpeg"]
-    payloads += [(f"exif 6 corrupt IFD {i}", data) for i, data in enumerate(_raising_exif(jpeg, rng, 30))]
-    for i in range(20):
-        payloads.append((f"random {i}", rng.randbytes(rng.choice([1, 7, 64, 1000, 20000]))))
-    for magic in (b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"RIFF\0\0\0\0WEBPVP8 "):
-        payloads += [
-            (f"magic {magic[:4]!r} + random {i}", magic + rng.randbytes(rng.randint(0, 400))) for i in range(8)
-        ]
-    return payloads
-
-
-CORPUS = corpus()
+CORPUS = image_corpus()
 SPECIAL = special_cases()
-
-
-def echoes(message: str, data: bytes, longest: int = MAX_ECHO) -> bool:
-    """Whether ``message`` quotes more than ``longest`` consecutive characters of ``data``."""
-    text = data.decode("latin-1")
-    n = longest + 1
-    return any(message[i : i + n] in text for i in range(len(message) - n + 1))
 
 
 def _check_refusal(message: str, data: bytes) -> None:
@@ -357,10 +122,10 @@ def test_refusals_name_the_problem(name: str, message: str) -> None:
 @pytest.mark.filterwarnings("ignore")
 def test_corrupt_exif_is_refused_inside_the_intake() -> None:
     rng = random.Random(SEED)
-    jpeg = _save(Image.fromarray(_base()), "JPEG")
+    jpeg = save(Image.fromarray(base_image()), "JPEG")
     messages = set()
     for _ in range(200):
-        data = _exif_jpeg(jpeg, _corrupt_exif(rng))
+        data = exif_jpeg(jpeg, corrupt_exif(rng))
         try:
             got = decode_image(data)
         except InvalidInputError as exc:
@@ -372,7 +137,7 @@ def test_corrupt_exif_is_refused_inside_the_intake() -> None:
 
 
 def test_limits_are_configurable_and_checked_before_decoding() -> None:
-    data = _save(Image.fromarray(_base(40, 200)), "PNG")  # 200x40: aspect 5
+    data = save(Image.fromarray(base_image(40, 200)), "PNG")  # 200x40: aspect 5
     assert decode_image(data, limits=IntakeLimits()).shape == (40, 200, 3)
     for limits, message in (
         (IntakeLimits(max_bytes=100), rf"image too large: {len(data)} bytes exceeds the limit of 100 bytes"),
@@ -402,7 +167,7 @@ def test_settings_have_the_intake_limits_with_defaults(settings: type) -> None:
 
 def test_decode_images_keeps_each_image_its_size_and_alpha_on_request() -> None:
     rgba = np.random.default_rng(SEED).integers(0, 256, (10, 30, 4), dtype=np.uint8)
-    items = [_save(Image.fromarray(rgba), "PNG"), _save(Image.fromarray(_base(30, 10)), "JPEG")]
+    items = [save(Image.fromarray(rgba), "PNG"), save(Image.fromarray(base_image(30, 10)), "JPEG")]
     plain = decode_images(items, device="cpu")
     assert [tuple(t.shape) for t in plain] == [(10, 30, 3), (30, 10, 3)]
     with_alpha = decode_images(items, device="cpu", alpha=True)
@@ -463,18 +228,18 @@ def test_served_pipelines_answer_the_corpus_with_invalid_arg_or_success(client: 
                 failures.append(f"{name}: {exc.status} {exc.message[:300]}")
     assert not failures, failures
     assert refused >= SERVER_SAMPLE // 2
-    good = _save(Image.fromarray(_base(96, 128)), "PNG")
+    good = save(Image.fromarray(base_image(96, 128)), "PNG")
     call(client, good)  # still serving
 
 
 @pytest.mark.server
 def test_remove_background_serves_a_batch_of_opposite_elongated_images(client: TritonClient) -> None:
-    wide, tall = (_save(Image.fromarray(_base(h, w)), "PNG") for h, w in ((5, 300), (300, 5)))
+    wide, tall = (save(Image.fromarray(base_image(h, w)), "PNG") for h, w in ((5, 300), (300, 5)))
     result = client.infer("remove_background", {"IMAGE": bytes_tensor(wide, tall)}, ["OUTPUT"])["OUTPUT"]
     sizes = [Image.open(io.BytesIO(bytes(r))).size for r in result.reshape(-1)]
     assert sizes == [(300, 5), (5, 300)]
     with pytest.raises(InferenceError, match="aspect-ratio limit") as info:
         client.infer(
-            "remove_background", {"IMAGE": bytes_tensor(wide, _png(10000, 1, 8, 0, b"\0" * 10001))}, ["OUTPUT"]
+            "remove_background", {"IMAGE": bytes_tensor(wide, build_png(10000, 1, 8, 0, b"\0" * 10001))}, ["OUTPUT"]
         )
     assert info.value.is_invalid_argument

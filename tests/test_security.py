@@ -27,28 +27,10 @@ import pytest
 from imgpipe.clients.triton import GRPC_RESTRICTED_PREFIX, InferenceError, TritonClient, admin_headers
 from imgpipe.paths import ROOT
 from imgpipe.server import ADMIN_APIS, GrpcTls, Ports, Restriction, ServerError, TritonServer, free_ports
-from tests.conftest import serve_banner
+from tests.conftest import serve_banner, write_echo_repository
 
 KEY = "s3cret-admin-key-0123"
 HEADER = "imgpipe-admin-key"
-
-ECHO_CONFIG = """name: "echo"
-backend: "python"
-max_batch_size: 0
-input [{ name: "X" data_type: TYPE_FP32 dims: [-1] }]
-output [{ name: "Y" data_type: TYPE_FP32 dims: [-1] }]
-instance_group [{ kind: KIND_CPU count: 1 }]
-"""
-ECHO_MODEL = """import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        return [
-            pb_utils.InferenceResponse([pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())])
-            for r in requests
-        ]
-"""
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -57,10 +39,7 @@ class TritonPythonModel:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("security_repo")
-    (root / "echo" / "1").mkdir(parents=True)
-    (root / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
-    (root / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
-    return root
+    return write_echo_repository(root)
 
 
 def _openssl(*args: str) -> None:
@@ -128,7 +107,9 @@ def test_launcher_flags_bind_localhost_and_carry_the_options(repo: Path, certs: 
     plain = TritonServer(repo, Ports(1, 2, 3)).command(Path("/b"))
     for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"):
         assert flag in plain
-    assert not any("restricted" in a or "ssl" in a for a in plain)
+    assert not any("ssl" in a for a in plain)
+    # Only the launcher's own key guards model control (the supervisor's explicit mode; imgpipe.server docstring).
+    assert {a.split("=", 1)[1].split(":", 1)[0] for a in plain if "restricted" in a} == {"model-repository"}
     server = TritonServer(
         repo, Ports(1, 2, 3), host="0.0.0.0", restriction=Restriction(KEY), metrics=False,
         grpc_tls=GrpcTls(certs["server"], certs["server_key"], certs["ca"]), extra_args=("--log-info=false",),
@@ -235,7 +216,9 @@ def test_grpc_admin_protocols_refuse_without_the_key_and_accept_with_it(
 def test_grpc_tls_handshake_verified_and_plain_text_refused(secured: TritonServer, certs: dict[str, Path]) -> None:
     with _tls_client(secured, certs) as tls:
         assert tls.is_ready() and _echo(tls).tolist() == [0, 1, 2, 3]
-    with TritonClient(secured.grpc_url, "grpc", timeout_s=5) as plain:
+    # retry=None: a plain-text client on the TLS port sees "Socket closed", as from a server going away, which
+    # the client would otherwise retry until its deadline
+    with TritonClient(secured.grpc_url, "grpc", timeout_s=5, retry=None) as plain:
         assert not plain.is_ready()
         with pytest.raises(InferenceError, match="UNAVAILABLE"):
             _echo(plain)
@@ -257,7 +240,7 @@ def mutual(repo: Path, certs: dict[str, Path]) -> Iterator[TritonServer]:
 def test_mutual_tls_needs_a_client_certificate(mutual: TritonServer, certs: dict[str, Path]) -> None:
     with _tls_client(mutual, certs, private_key=certs["client_key"], certificate_chain=certs["client"]) as client:
         assert client.is_ready() and _echo(client).tolist() == [0, 1, 2, 3]
-    with _tls_client(mutual, certs) as anonymous:
+    with _tls_client(mutual, certs, retry=None) as anonymous:  # refused as "Socket closed": not retried here
         assert not anonymous.is_ready()
         with pytest.raises(InferenceError):
             _echo(anonymous)

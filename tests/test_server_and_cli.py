@@ -112,3 +112,22 @@ def test_build_command_reports_manifest_errors(tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
     assert done.returncode == 1
     assert "networks.segmenter.outputs: required key is missing" in done.stderr
+
+
+def test_an_installed_triton_is_used_where_the_wheel_is_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving image (NGC's tritonserver container) has /opt/tritonserver and no nvidia-pytriton wheel:
+    `imgpipe serve` runs that server, with its own Python backend, and writes nothing beside the code (the
+    image's root filesystem is read-only)."""
+    from imgpipe.server import ServerError, TritonDistribution
+
+    monkeypatch.setenv("IMGPIPE_TRITON_HOME", str(tmp_path / "nothing"))
+    with pytest.raises(ServerError, match=r"no Triton server found: .*nothing/bin/tritonserver"):
+        TritonDistribution.installed()
+    home = tmp_path / "tritonserver"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "tritonserver").write_bytes(b"")
+    monkeypatch.setenv("IMGPIPE_TRITON_HOME", str(home))
+    dist = TritonDistribution.installed()
+    assert dist.system and dist.binary == home / "bin" / "tritonserver" and dist.libs == home / "lib"
+    cache = tmp_path / "read-only" / "cache"
+    assert dist.prepare_backends(cache) == home / "backends" and not cache.exists()

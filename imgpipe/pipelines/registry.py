@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from imgpipe.errors import InvalidInputError
+from imgpipe.errors import InvalidInputError, quote
 from imgpipe.guard import Visibility
-from imgpipe.manifest import Instances
+from imgpipe.manifest import Instances, QueuePolicy
 
 if TYPE_CHECKING:
     from imgpipe.build.triton_config import ModelSpec, Tensor
@@ -64,7 +64,8 @@ class IO:
         """An option input's value (the default when absent), checked against its choices."""
         text = (value if value is not None else self.default or "").strip().lower()
         if self.choices and text not in self.choices:
-            raise InvalidInputError(f"unsupported {self.name} {value!r}: expected one of {', '.join(self.choices)}")
+            expected = ", ".join(self.choices)
+            raise InvalidInputError(f"unsupported {self.name} {quote(value)}: expected one of {expected}")
         return text
 
     def describe(self, is_input: bool = True) -> str:
@@ -110,20 +111,22 @@ class Param:
                     index = None
                 if index is not None:
                     if index < 0:
-                        raise InvalidInputError(f"parameter {self.name!r} must be a non-negative index, got {index}")
+                        raise InvalidInputError(
+                            f"parameter {self.name!r} must be a non-negative index, got {quote(index)}"
+                        )
                     return index
                 raise InvalidInputError(
-                    f"parameter {self.name!r} must be {', '.join(self.choices)} or a face index, got {value!r}"
+                    f"parameter {self.name!r} must be {', '.join(self.choices)} or a face index, got {quote(value)}"
                 )
-            raise InvalidInputError(f"parameter {self.name!r} must be {_either(self.choices)}, got {value!r}")
+            raise InvalidInputError(f"parameter {self.name!r} must be {_either(self.choices)}, got {quote(value)}")
         if isinstance(value, bool):
-            raise InvalidInputError(f"parameter {self.name!r} must be a number, got {value!r}")
+            raise InvalidInputError(f"parameter {self.name!r} must be a number, got {quote(value)}")
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise InvalidInputError(f"parameter {self.name!r} must be a number, got {value!r}") from None
+            raise InvalidInputError(f"parameter {self.name!r} must be a number, got {quote(value)}") from None
         if self.type == "int" and not (math.isnan(number) or math.isinf(number)) and number != int(number):
-            raise InvalidInputError(f"parameter {self.name!r} must be a whole number, got {value!r}")
+            raise InvalidInputError(f"parameter {self.name!r} must be a whole number, got {quote(value)}")
         low = -math.inf if self.low is None else self.low
         high = math.inf if self.high is None else self.high
         if math.isnan(number) or not low <= number <= high:
@@ -166,7 +169,7 @@ class Contract:
         unknown = sorted(set(raw) - known)
         if unknown:
             expected = ", ".join(sorted(known)) or "none"
-            raise InvalidInputError(f"unknown parameter {unknown[0]!r}: expected {expected}")
+            raise InvalidInputError(f"unknown parameter {quote(unknown[0])}: expected {expected}")
         return {p.name: p.parse(raw.get(p.name)) for p in self.parameters}
 
     def config_parameters(self) -> dict[str, str]:
@@ -312,12 +315,13 @@ def python_model(
     contract: Contract | None = None,
     networks: str | None = None,
     extra: Mapping[str, str] | None = None,
+    queue: QueuePolicy | None = None,
 ) -> ModelSpec:
     """A Python-backend model run by the generic adapter: the step class and its settings travel in
     the config's parameters.
 
-    Every such model gets Triton's dynamic batcher for its queue policy, the pipeline settings' ``queue``
-    (bounded, with a timeout): unbatched models too (``max_batch_size`` 0), where the batcher forms no
+    Every such model gets Triton's dynamic batcher for its queue policy, ``queue`` or else the pipeline
+    settings' (bounded, with a timeout): unbatched models too (``max_batch_size`` 0), where the batcher forms no
     batches but still bounds the queue; with ``max_batch_size`` > 0 it gathers concurrent requests into batches."""
     from imgpipe.build.triton_config import ModelSpec, instance_groups
     from imgpipe.manifest import Batching, pipeline_queue
@@ -339,7 +343,7 @@ def python_model(
         max_batch_size=max_batch_size,
         batching=Batching(
             max_batch_size=max(1, max_batch_size),
-            queue=getattr(settings, "queue", None) or pipeline_queue(),
+            queue=queue or getattr(settings, "queue", None) or pipeline_queue(),
         ),
         instance_groups=instance_groups(instances),
         parameters=parameters,
