@@ -119,10 +119,11 @@ def to_proto(spec: ModelSpec) -> mc.ModelConfig:
         dyn.preferred_batch_size.extend(b.preferred_batch_sizes)
         dyn.max_queue_delay_microseconds = b.max_queue_delay_us
         q = b.queue
-        dyn.default_queue_policy.max_queue_size = q.max_queue_size
-        dyn.default_queue_policy.timeout_action = mc.ModelQueuePolicy.TimeoutAction.Value(q.timeout_action)
-        dyn.default_queue_policy.default_timeout_microseconds = q.default_timeout_us
-        dyn.default_queue_policy.allow_timeout_override = q.allow_timeout_override
+        if q is not None:
+            dyn.default_queue_policy.max_queue_size = q.max_queue_size
+            dyn.default_queue_policy.timeout_action = mc.ModelQueuePolicy.TimeoutAction.Value(q.timeout_action)
+            dyn.default_queue_policy.default_timeout_microseconds = q.default_timeout_us
+            dyn.default_queue_policy.allow_timeout_override = q.allow_timeout_override
     for g in spec.instance_groups:
         kind = mc.ModelInstanceGroup.Kind.Value(f"KIND_{g.kind.upper()}")
         group = mc.ModelInstanceGroup(count=g.count, kind=kind, gpus=g.gpus, profile=[str(p) for p in g.profiles])

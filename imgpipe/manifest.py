@@ -82,11 +82,14 @@ class Source:
             raise ManifestError("sha256: expected 64 lowercase hex digits")
 
 
-# Every model's queue is bounded and has a timeout (issue 12): past ``max_queue_size`` waiting requests Triton
-# answers UNAVAILABLE at once ("Exceeds maximum queue size") instead of letting the backlog grow, and a request
-# that waited ``default_timeout_us`` in the queue is answered UNAVAILABLE instead of being run for a caller who
-# has most likely given up. Networks are called by the pipelines' BLS models (one detection fans out into a
-# pyramid of pnet calls and batches of crops), so their queues are deeper than the pipelines' own.
+# A pipeline's entry model has a bounded queue with a timeout (issue 12): past ``max_queue_size`` waiting requests
+# Triton answers UNAVAILABLE at once ("Exceeds maximum queue size") instead of letting the backlog grow, and a
+# request that waited ``default_timeout_us`` in the queue is answered UNAVAILABLE instead of being run for a caller
+# who has most likely given up. Networks and inner steps get no queue policy by default: in Triton 2.51 a
+# dynamic batcher with any default_queue_policy often leaves a request in its queue until the batcher's 500 ms
+# idle poll (measured: detect_faces on a 256² JPEG, policies on pnet/rnet/onet: median 1,092 ms; on the public
+# model only: 169 ms; none: 139 ms). The work reaching them is bounded by the pipelines' queues; a manifest may
+# still give a network a ``[networks.<name>.batching.queue]``.
 NETWORK_QUEUE_SIZE = 256
 PIPELINE_QUEUE_SIZE = 128  # above the load tests' and `imgpipe bench`'s highest concurrency (64)
 QUEUE_TIMEOUT_US = 60_000_000
@@ -124,7 +127,7 @@ class Batching:
     # Batch range of the optimization profile (TensorRT); opt defaults to the largest preferred size.
     min_batch: int = 1
     opt_batch: int = 0
-    queue: QueuePolicy = field(default_factory=QueuePolicy)
+    queue: QueuePolicy | None = None  # no queue policy (see NETWORK_QUEUE_SIZE's comment)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

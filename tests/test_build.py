@@ -137,7 +137,7 @@ def test_repository_configs_parse_and_follow_the_manifest(repository: Path, test
     assert seg.backend == "python" and seg.max_batch_size == net.batching.max_batch_size
     assert list(seg.dynamic_batching.preferred_batch_size) == list(net.batching.preferred_batch_sizes)
     assert seg.dynamic_batching.max_queue_delay_microseconds == net.batching.max_queue_delay_us
-    assert seg.dynamic_batching.default_queue_policy.max_queue_size == net.batching.queue.max_queue_size
+    assert not seg.dynamic_batching.HasField("default_queue_policy") and net.batching.queue is None
     assert seg.instance_group[0].count == net.instances.count
     assert seg.model_warmup[0].inputs["input"].zero_data
     assert list(seg.model_warmup[0].inputs["input"].dims) == [3, 1024, 1024]

@@ -17,7 +17,7 @@ def test_default_manifest_loads_with_the_segmenter_contract() -> None:
     assert seg.input().shape == (3, 1024, 1024) and seg.input().dtype == "FP32"
     assert seg.output().shape == (1, 1024, 1024) and seg.output().activation == "sigmoid"
     assert seg.batching.preferred_batch_sizes == (2, 4)
-    assert seg.batching.queue.max_queue_size == 64
+    assert seg.batching.queue is None  # networks get no queue policy (Triton 2.51's batcher stall)
     # remove_background serves MediaPipe's selfie segmenter (real weights) by default; "segmenter" is the
     # RMBG-2.0 / BiRefNet contract for users' files (and the benchmark's full-cost network).
     settings = manifest.pipelines["remove_background"]

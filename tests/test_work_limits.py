@@ -26,16 +26,27 @@ def _configs(repository: Path) -> dict[str, object]:
     return {d.name: parse((d / "config.pbtxt").read_text()) for d in repository.iterdir() if d.is_dir()}
 
 
-def test_every_model_but_the_ensembles_has_a_bounded_queue_with_a_timeout(repository: Path) -> None:
+def test_the_entry_models_have_bounded_queues_and_the_inner_models_none(
+    repository: Path, test_manifest: Manifest
+) -> None:
+    """Each pipeline's entry model (the public BLS model, or an ensemble's first step) has a bounded queue with a
+    timeout that rejects; the networks and inner steps have none: Triton 2.51's batcher stalls requests behind a
+    queue policy (detect_faces with policies on pnet/rnet/onet: median 1,092 ms against 169 ms)."""
     configs = _configs(repository)
-    assert len(configs) > 10
+    entries = set()
+    for name in test_manifest.pipelines:
+        model = registry()[name].contract.model
+        entries.add("bg_preprocess" if configs[model].platform == "ensemble" else model)
     for name, config in configs.items():
         if config.platform == "ensemble":
             continue
-        policy = config.dynamic_batching.default_queue_policy
         assert config.HasField("dynamic_batching"), name
-        assert policy.max_queue_size >= 1 and policy.default_timeout_microseconds >= 1, name
-        assert policy.timeout_action == 0, name  # REJECT: a full or stale queue answers at once
+        policy = config.dynamic_batching.default_queue_policy
+        if name in entries:
+            assert policy.max_queue_size >= 1 and policy.default_timeout_microseconds >= 1, name
+            assert policy.timeout_action == 0, name  # REJECT: a full or stale queue answers at once
+        else:
+            assert not config.dynamic_batching.HasField("default_queue_policy"), name
 
 
 def test_the_pipelines_own_models_take_the_pipeline_queue_and_let_callers_shorten_the_timeout(

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from imgpipe.errors import InvalidInputError, quote
 from imgpipe.guard import Visibility
-from imgpipe.manifest import Instances, QueuePolicy
+from imgpipe.manifest import Instances
 
 if TYPE_CHECKING:
     from imgpipe.build.triton_config import ModelSpec, Tensor
@@ -315,13 +315,14 @@ def python_model(
     contract: Contract | None = None,
     networks: str | None = None,
     extra: Mapping[str, str] | None = None,
-    queue: QueuePolicy | None = None,
+    queued: bool = True,
 ) -> ModelSpec:
     """A Python-backend model run by the generic adapter: the step class and its settings travel in
     the config's parameters.
 
-    Every such model gets Triton's dynamic batcher for its queue policy, ``queue`` or else the pipeline
-    settings' (bounded, with a timeout): unbatched models too (``max_batch_size`` 0), where the batcher forms no
+    Every such model gets Triton's dynamic batcher; a ``queued`` one (a pipeline's entry model) the pipeline
+    settings' queue policy (bounded, with a timeout; see imgpipe.manifest on why inner models get none):
+    unbatched models too (``max_batch_size`` 0), where the batcher forms no
     batches but still bounds the queue; with ``max_batch_size`` > 0 it gathers concurrent requests into batches."""
     from imgpipe.build.triton_config import ModelSpec, instance_groups
     from imgpipe.manifest import Batching, pipeline_queue
@@ -343,7 +344,7 @@ def python_model(
         max_batch_size=max_batch_size,
         batching=Batching(
             max_batch_size=max(1, max_batch_size),
-            queue=queue or getattr(settings, "queue", None) or pipeline_queue(),
+            queue=(getattr(settings, "queue", None) or pipeline_queue()) if queued else None,
         ),
         instance_groups=instance_groups(instances),
         parameters=parameters,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from imgpipe.imaging import IntakeSettings
-from imgpipe.manifest import Instances, Manifest, ManifestError, QueuePolicy
+from imgpipe.manifest import Instances, Manifest, ManifestError
 from imgpipe.pipelines.registry import IO, BuildContext, Contract, Pipeline, python_model, register
 
 MODES = ("rgba", "mask", "composite")
@@ -164,8 +164,8 @@ class RemoveBackground(Pipeline):
             outputs=(output,),
             extra={"mask_activation": seg_out.activation},
             # The pipeline's bounded queue is bg_preprocess's (requests are shed before any work); a request
-            # that got past it is not refused after the segmenter ran: this step queues as deep as a network.
-            queue=QueuePolicy(),
+            # that got past it is not refused after the segmenter ran.
+            queued=False,
             **{**common, "instances": encoders},
         )
         # The options go to both steps: bg_preprocess validates them (a bad value fails before the network).
