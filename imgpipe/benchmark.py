@@ -125,7 +125,7 @@ def run_level(
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     if duration_s <= 0 or warmup_s < 0:
         raise ValueError(f"duration_s must be > 0 and warmup_s >= 0, got {duration_s} and {warmup_s}")
-    client = TritonClient(url, check_protocol(protocol))
+    client = TritonClient(url, check_protocol(protocol), retry=None)  # raw outcomes: a retry would hide a failure
     go = threading.Event()
     window: list[float] = []  # [t0, t1], written before `go` is set
     per_thread: list[list[_Record]] = [[] for _ in range(concurrency)]
@@ -358,6 +358,29 @@ def delta(before: Mapping[str, ModelStats], after: Mapping[str, ModelStats]) -> 
     """``after - before`` per model. A model absent from ``before`` (loaded since) counts from zero; one
     absent from ``after`` (unloaded) is left out."""
     return {name: _combine(stats, before[name], -1) if name in before else stats for name, stats in after.items()}
+
+
+def settled_delta(
+    url: str,
+    protocol: str,
+    before: Mapping[str, ModelStats],
+    model: str,
+    expected: int,
+    timeout_s: float = 5.0,
+) -> dict[str, ModelStats]:
+    """Statistics since ``before`` once ``model`` has recorded ``expected`` requests (successes and
+    failures), or whatever they are after ``timeout_s``.
+
+    Triton records a request as it releases it, a moment after the client has its answer; a BLS or
+    ensemble entry model is released after the steps it called, so waiting for the entry model's count
+    settles its steps' counts too."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        changes = delta(before, model_stats(url, protocol))
+        done = changes[model].success_count + changes[model].fail_count if model in changes else 0
+        if done >= expected or time.monotonic() > deadline:
+            return changes
+        time.sleep(0.05)
 
 
 @dataclass(frozen=True)

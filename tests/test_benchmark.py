@@ -36,6 +36,7 @@ from imgpipe.benchmark import (
     peak,
     plot,
     save_json,
+    settled_delta,
     stats_table,
     stop_reason,
     summary_table,
@@ -65,20 +66,6 @@ def _check_point(point: Point, items_per_request: int = 1) -> None:
     assert point.requests_per_s == pytest.approx(point.requests / point.seconds, rel=1e-12)
     assert point.p50_ms is not None and point.p90_ms is not None and point.p99_ms is not None
     assert 0 < point.p50_ms <= point.p90_ms <= point.p99_ms
-
-
-def _settled_delta(
-    url: str, protocol: str, before: dict[str, ModelStats], model: str, expected: int, timeout_s: float = 5.0
-) -> dict[str, ModelStats]:
-    """Stats after a sweep, once ``model`` has recorded ``expected`` requests (successes and failures):
-    Triton may record a request a moment after the client has its answer (see ``model_stats``)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        changes = delta(before, model_stats(url, protocol))
-        done = changes[model].success_count + changes[model].fail_count
-        if done >= expected or time.monotonic() > deadline:
-            return changes
-        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -118,7 +105,7 @@ def test_sweep_counts_agree_with_tritons_statistics(server: TritonServer, astron
     # Exactly what can be guaranteed: each request reaches the ensemble and the segmenter once, so both
     # count every request the sweep sent — warm-up, window and drain — no more, no less.
     sent = sum(p.sent for p in points)
-    changes = _settled_delta(url, "grpc", before, "remove_background", sent)
+    changes = settled_delta(url, "grpc", before, "remove_background", sent)
     assert changes["remove_background"].success_count == sent
     assert changes["remove_background"].fail_count == 0
     assert changes[SEG].inference_count == sent
@@ -179,7 +166,7 @@ def test_failing_requests_are_counted_and_stop_the_sweep(server: TritonServer):
     assert point.first_error.startswith("InferenceError [StatusCode.INVALID_ARGUMENT]: ")
     assert point.first_error.endswith("are not a JPEG, PNG or WebP image")
 
-    changes = _settled_delta(url, "grpc", before, "remove_background", point.sent)
+    changes = settled_delta(url, "grpc", before, "remove_background", point.sent)
     # Triton 2.51 counts a failed ensemble request twice in the ensemble's failures (its own and its
     # step's; server PR #7423 expects 2 per failure too), and the Python-backend step that answered with an
     # error response as a *success* (server issue #8521). The client's count is the one to trust.

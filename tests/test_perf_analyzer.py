@@ -10,13 +10,12 @@ from __future__ import annotations
 import base64
 import json
 import struct
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from imgpipe.benchmark import delta, model_stats
+from imgpipe.benchmark import model_stats, settled_delta
 from imgpipe.loadtest import perf_analyzer as pa
 from imgpipe.samples import encode, sample_array
 from imgpipe.server import TritonServer
@@ -119,16 +118,6 @@ def startable() -> None:
         pytest.fail(reason)
 
 
-def _settled(url: str, before: dict[str, Any], model: str, at_least: int, timeout_s: float = 5.0) -> Any:
-    """``model``'s statistics since ``before`` once they count ``at_least`` requests (Triton may record a
-    request a moment after its response left)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        changes = delta(before, model_stats(url, "grpc"))[model]
-        if changes.success_count + changes.fail_count >= at_least or time.monotonic() > deadline:
-            return changes
-
-
 @pytest.mark.server
 @pytest.mark.parametrize(
     ("pipeline", "protocol", "bound"),
@@ -165,7 +154,7 @@ def test_perf_analyzer_measures_a_pipeline_and_triton_counts_as_many_requests(
         assert result.request_count == bound["request_count"]
     assert result.command[result.command.index("-m") + 1] == pipeline  # the public model is the pipeline
     # Triton counted every request perf_analyzer measured (and those outside its windows), none failed.
-    changes = _settled(server.grpc_url, before, pipeline, result.request_count)
+    changes = settled_delta(server.grpc_url, "grpc", before, pipeline, result.request_count)[pipeline]
     assert changes.success_count >= result.request_count
     assert changes.fail_count == 0
 

@@ -4,6 +4,7 @@ The step class comes from the config parameter ``imgpipe.step`` (``module:Class`
 the installed ``imgpipe`` package (:mod:`imgpipe.ensembles.step`).
 """
 
+import gc
 import inspect
 
 import triton_python_backend_utils as pb_utils
@@ -23,3 +24,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.step.finalize()
+        # The stub exits next, and the interpreter's final garbage collection walks every object torch and
+        # the other imports made: about a CPU-second per stub, 9 s for 18 stubs on 2 cores at every stop.
+        # Frozen objects are left to the process exit.
+        gc.freeze()
