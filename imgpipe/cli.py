@@ -1032,22 +1032,35 @@ def bench(
     model_seconds: Annotated[float, typer.Option(help="Model-only seconds per batch size.")] = 2.0,
     step_instances: Annotated[int, typer.Option(help="Python-step instances (0: one per 4 CPU cores).")] = 0,
     build_only: Annotated[bool, typer.Option("--build-only", help="Only build the variants' repositories.")] = False,
+    remove_background_format: Annotated[
+        str,
+        typer.Option(
+            "--remove-background-format",
+            help="FORMAT of remove_background's responses, one of its contract's (jpeg: sent as MODE composite).",
+        ),
+    ] = "png",
     manifest: ManifestOpt = DEFAULT_MANIFEST,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for bench.json and the plots.")] = ROOT
     / "out"
     / "bench",
 ) -> None:
     """Measure every pipeline served (tuned and naive) against its networks alone, in one run; on a GPU it
-    uses the GPU. Writes OUTPUT/bench.json and OUTPUT/bench_<pipeline>.png."""
+    uses the GPU. Writes OUTPUT/bench.json and OUTPUT/bench_<pipeline>.png.
+
+    All five pipelines by default (remove_background, detect_faces, swap_face, colorize, reconstruct_face);
+    the summary's last column is what one response of the first variant held (format, size, bytes)."""
     from imgpipe import benchmark
-    from imgpipe.bench import PIPELINES, VARIANTS, BenchOptions, run
+    from imgpipe.bench import PIPELINES, REMOVE_BACKGROUND_FORMATS, VARIANTS, BenchOptions, describe_facts, run
 
     chosen = PIPELINES if pipelines == "all" else tuple(p.strip() for p in pipelines.split(",") if p.strip())
     kinds = tuple(v.strip() for v in variants.split(",") if v.strip())
+    cut_out_format = remove_background_format.strip().lower()
     if not chosen or set(chosen) - set(PIPELINES):
         raise _fail(f"--pipelines: choose from {', '.join(PIPELINES)}")
     if not kinds or set(kinds) - set(VARIANTS):
         raise _fail(f"--variants: choose from {', '.join(VARIANTS)}")
+    if cut_out_format not in REMOVE_BACKGROUND_FORMATS:
+        raise _fail(f"--remove-background-format: choose from {', '.join(REMOVE_BACKGROUND_FORMATS)}")
     try:
         levels = tuple(int(c) for c in concurrency.split(","))
     except ValueError:
@@ -1055,7 +1068,7 @@ def bench(
     options = BenchOptions(
         pipelines=chosen, variants=kinds, width=width or None, concurrencies=levels, duration_s=duration,
         warmup_s=warmup, model_seconds=model_seconds, step_instances=step_instances, manifest=manifest,
-        output=output, build_only=build_only,
+        output=output, build_only=build_only, remove_background_format=cut_out_format,
     )  # fmt: skip
     result = run(options, report=lambda message: console.print(message, highlight=False))
     if build_only:
@@ -1070,7 +1083,7 @@ def bench(
         console.print(table)
     summary = Table(title=f"imgpipe bench on {result.machine.get('gpu', 'CPU')} ({result.machine.get('cpus')} cores)")
     for column in ("pipeline", *(f"{v} /s" for v in kinds), "model-only /s", "served/model", "served/naive",
-                   "p99/p50"):  # fmt: skip
+                   "p99/p50", f"response ({kinds[0]})"):  # fmt: skip
         summary.add_column(column)
 
     def fmt(value: object, digits: int = 1) -> str:
@@ -1081,13 +1094,18 @@ def bench(
         peaks = entry.get("peak", {})
         summary.add_row(pipeline, *(fmt(peaks.get(v, {}).get("throughput")) for v in kinds),
                         fmt(entry.get("model_only_per_s")), fmt(entry.get("served_over_model_only"), 2),
-                        fmt(entry.get("served_over_naive"), 2), fmt(entry.get("p99_over_p50_at_peak"), 2))  # fmt: skip
+                        fmt(entry.get("served_over_naive"), 2), fmt(entry.get("p99_over_p50_at_peak"), 2),
+                        describe_facts(result.responses.get(kinds[0], {}).get(pipeline, {})))  # fmt: skip
     console.print(summary)
-    roofline = result.summary.get("remove_background", {}).get("segmenter_roofline")
-    if roofline:
+    for pipeline in chosen:
+        missing = result.summary.get(pipeline, {}).get("model_only_missing")
+        if missing:
+            console.print(f"{pipeline}: no model-only figure: {', '.join(missing)} could not be timed (bench.json)")
+    rooflines = {n: r for p in chosen for n, r in result.summary.get(p, {}).get("rooflines", {}).items()}
+    for name, roofline in rooflines.items():
         console.print(
-            f"segmenter: {roofline['images_per_s']:.0f} images/s × {roofline['gflop_per_image']:.0f} GFLOP ="
-            f" {roofline['tflops']:.0f} TFLOP/s, {roofline['share_of_fp16_peak']:.0%} of the FP16 dense peak"
+            f"{name}: {roofline['images_per_s']:.0f} items/s × {roofline['gflop_per_image']:.1f} GFLOP ="
+            f" {roofline['tflops']:.1f} TFLOP/s, {roofline['share_of_fp16_peak']:.1%} of the FP16 dense peak"
         )
     memory = result.summary.get("gpu_memory")
     if memory:
