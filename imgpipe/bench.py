@@ -256,12 +256,28 @@ def response_for(pipeline: str, data: Inputs, remove_background_format: str = "p
     raise ValueError(f"no bench request for pipeline {pipeline!r}: expected one of {', '.join(PIPELINES)}")
 
 
+class WrongAnswerError(RuntimeError):
+    """A request answered OK with an output the bench's input cannot give (no face in a photo of one)."""
+
+
+def check_answer(pipeline: str, response: Any) -> None:
+    """Raise :class:`WrongAnswerError` where an OK answer is visibly wrong, so that the sweep counts it as an
+    error and not as throughput: every bench face image holds one face. (On the H100, swap_face and
+    reconstruct_face answered "no face found" for such a photo now and then under load; detect_faces would
+    answer the same fault with an empty list, counted as served without this check.)"""
+    if pipeline == "detect_faces" and len(response) == 0:
+        raise WrongAnswerError("detect_faces found no face in the bench photo of one")
+    if pipeline == "swap_face" and not response.swapped:
+        raise WrongAnswerError("swap_face swapped no face in the bench photo of one")
+
+
 def request_for(pipeline: str, data: Inputs, remove_background_format: str = "png") -> Callable[[Any], int]:
-    """One request of ``pipeline`` (returns the items it processed: one image)."""
+    """One request of ``pipeline``, its answer checked (:func:`check_answer`); returns the items it processed:
+    one image."""
     send = response_for(pipeline, data, remove_background_format)
 
     def call(client: Any) -> int:
-        send(client)
+        check_answer(pipeline, send(client))
         return 1
 
     return call

@@ -122,3 +122,17 @@ def test_bench_measures_served_naive_and_model_only_and_writes_json_and_plots(tm
         assert (responses["reconstruct_face"]["format"], responses["reconstruct_face"]["faces"]) == ("glb", 1)
         assert responses["detect_faces"] == {"faces": 1}
     assert "WEBP 1024×768 RGBA" in stdout
+
+
+def test_an_ok_answer_without_the_face_counts_as_an_error() -> None:
+    """Guards the bench's throughput against answers that are OK but wrong (seen on the H100 under load)."""
+    from imgpipe.bench import WrongAnswerError, check_answer
+    from imgpipe.clients.faces import SwapResult
+
+    check_answer("detect_faces", [object()])
+    with pytest.raises(WrongAnswerError, match="no face"):
+        check_answer("detect_faces", [])
+    with pytest.raises(WrongAnswerError, match="swapped no face"):
+        check_answer("swap_face", SwapResult(image=b"", swapped=0))
+    check_answer("swap_face", SwapResult(image=b"", swapped=1))
+    check_answer("colorize", b"")  # nothing to check: any image is an answer
