@@ -73,6 +73,7 @@ class BenchOptions:
     # FORMAT of every remove_background request, one of the contract's (png, webp, jpeg): encoding bounds that
     # pipeline served (docs/benchmarks.md), so the format is part of what is measured.
     remove_background_format: str = "png"
+    photo_size: tuple[int, int] = PHOTO_SIZE  # width, height of remove_background's and colorize's photos
 
     def __post_init__(self) -> None:
         if self.remove_background_format not in REMOVE_BACKGROUND_FORMATS:
@@ -92,6 +93,7 @@ class Result:
     model_only: dict[str, dict[str, Any]] = field(default_factory=dict)  # network → best batch, items/s
     summary: dict[str, dict[str, Any]] = field(default_factory=dict)  # pipeline → figures and ratios
     responses: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # variant → pipeline → facts
+    input_sizes: dict[str, list[int]] = field(default_factory=dict)  # pipeline → [width, height] of its images
 
 
 def machine() -> dict[str, Any]:
@@ -196,18 +198,27 @@ class Inputs:
     face_rgb: np.ndarray
 
 
-def inputs() -> Inputs:
+def inputs(photo_size: tuple[int, int] = PHOTO_SIZE) -> Inputs:
     from PIL import Image
 
     from imgpipe.samples import encode, sample_array
 
     photos, grey = [], []
     for name in ("astronaut", "coffee", "chelsea"):
-        image = Image.fromarray(sample_array(name)).convert("RGB").resize(PHOTO_SIZE, Image.Resampling.BICUBIC)
+        image = Image.fromarray(sample_array(name)).convert("RGB").resize(photo_size, Image.Resampling.BICUBIC)
         photos.append(encode(np.asarray(image), "JPEG"))
         grey.append(encode(np.asarray(image.convert("L")), "JPEG"))  # a one-channel JPEG, as a scanned photo
     face = sample_array("astronaut")
     return Inputs(photos, grey, encode(face, "PNG"), encode(sample_array("camera"), "PNG"), face)
+
+
+def input_size(pipeline: str, data: Inputs, photo_size: tuple[int, int]) -> list[int]:
+    """[width, height] of the images ``pipeline``'s bench requests carry (the face pipelines: the 512² sample
+    faces), recorded in bench.json so that capacity plans keep each size's curve apart (:mod:`imgpipe.capacity`)."""
+    if pipeline in ("remove_background", "colorize"):
+        return list(photo_size)
+    height, width = data.face_rgb.shape[:2]
+    return [width, height]
 
 
 def remove_background_mode(fmt: str) -> str:
@@ -469,7 +480,8 @@ def run(options: BenchOptions, report: Report = print) -> Result:
     result = Result(machine(), {k: str(v) for k, v in dataclasses.asdict(options).items()})
     fmt = options.remove_background_format
     result.options["remove_background_mode"] = remove_background_mode(fmt)  # rgba, or composite for JPEG
-    data = inputs()
+    data = inputs(options.photo_size)
+    result.input_sizes = {p: input_size(p, data, options.photo_size) for p in options.pipelines}
     repos: dict[str, tuple[Manifest, Path]] = {}
     for variant in options.variants:
         work = options.output / "repos" / variant

@@ -8,7 +8,8 @@ so pipelines share a GPU's time: a pipeline at rate r with per-GPU capacity c us
 
 Model assumptions (stated in docs/scaling.md): capacity at a latency target is the highest measured
 throughput whose p99 is within the target (no interpolation between measured concurrencies); images of
-other sizes than the bench's are not scaled (its remove_background photos are 1024×768); the HPA follows
+of several sizes are planned from curves measured at each size (``imgpipe bench --photo-size``; a mix names
+them ``pipeline@WxH``) and never extrapolated from another size; the HPA follows
 Kubernetes' algorithm (desired = ceil(current × metric / target), a 10 % tolerance, a sync period, a
 scale-down stabilisation window) on the average queue time per request, which the simulation estimates
 from the backlog (Little's law) plus the queue time measured at the operating point.
@@ -35,10 +36,24 @@ class Point:
     p99_ms: float
 
 
+Size = tuple[int, int]  # width, height of a pipeline's request images
+
+# Input sizes of the bench runs that did not record them (``input_sizes`` in bench.json): its fixed inputs,
+# 1024×768 photos and the 512² sample faces.
+BENCH_SIZES_BEFORE_RECORDED: dict[str, Size] = {
+    "remove_background": (1024, 768),
+    "colorize": (1024, 768),
+    "detect_faces": (512, 512),
+    "swap_face": (512, 512),
+    "reconstruct_face": (512, 512),
+}
+
+
 @dataclass(frozen=True)
 class Curve:
     pipeline: str
     points: tuple[Point, ...]
+    size: Size | None = None  # the request images' size the curve was measured with
 
     def capacity(self, p99_ms: float) -> Point | None:
         """The highest-throughput measured point whose p99 is within ``p99_ms``; None if none is."""
@@ -46,48 +61,94 @@ class Curve:
         return max(within, key=lambda p: p.throughput) if within else None
 
 
+def size_text(size: Size | None) -> str:
+    return f"{size[0]}x{size[1]}" if size else "unknown size"
+
+
+def parse_size(text: str) -> Size:
+    """``"2048x1536"`` → (2048, 1536)."""
+    width, sep, height = text.strip().lower().partition("x")
+    try:
+        size = (int(width), int(height))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an image size WIDTHxHEIGHT, e.g. 2048x1536") from None
+    if not sep or min(size) <= 0:
+        raise ValueError(f"{text!r} is not an image size WIDTHxHEIGHT, e.g. 2048x1536")
+    return size
+
+
 @dataclass(frozen=True)
 class Curves:
-    curves: dict[str, Curve]
-    source: str  # where the figures come from, for the reader: file, GPU, variant
+    curves: dict[tuple[str, Size | None], Curve]  # (pipeline, request image size) → curve
+    source: str  # where the figures come from, for the reader: file(s), GPU, variant
 
-    def __getitem__(self, pipeline: str) -> Curve:
-        if pipeline not in self.curves:
-            raise KeyError(f"no measured curve for {pipeline!r} (have: {', '.join(self.curves)})")
-        return self.curves[pipeline]
+    def sizes(self, pipeline: str) -> list[Size | None]:
+        return [size for name, size in self.curves if name == pipeline]
+
+    def __getitem__(self, key: str) -> Curve:
+        """The curve of ``pipeline`` or ``pipeline@WxH``. Without a size, the pipeline must have been measured at
+        one size only; a size that was not measured is refused (curves are not scaled between sizes)."""
+        pipeline, _, size_part = key.partition("@")
+        sizes = self.sizes(pipeline)
+        if not sizes:
+            have = sorted({name for name, _ in self.curves})
+            raise KeyError(f"no measured curve for {pipeline!r} (have: {', '.join(have)})")
+        measured = ", ".join(size_text(s) for s in sizes)
+        if not size_part:
+            if len(sizes) > 1:
+                raise KeyError(f"{pipeline} was measured at several sizes ({measured}): name one, {pipeline}@WxH")
+            return self.curves[(pipeline, sizes[0])]
+        size = parse_size(size_part)
+        if (pipeline, size) not in self.curves:
+            raise KeyError(
+                f"{pipeline} at {size_text(size)}: not measured (measured: {measured}); run `imgpipe bench"
+                f" --photo-size {size_text(size)}` on the GPU and pass its bench.json with another --bench"
+            )
+        return self.curves[(pipeline, size)]
 
 
-def load_curves(path: Path = BENCH_JSON, variant: str = "fp16") -> Curves:
-    """The served sweeps of one ``imgpipe bench`` run (points with errors are left out)."""
-    data = json.loads(Path(path).read_text())
-    served = data["served"][variant]
-    curves = {
-        pipeline: Curve(
-            pipeline,
-            tuple(
-                Point(p["concurrency"], p["throughput"], p["p99_ms"])
-                for p in points
-                if not p.get("errors") and p.get("p99_ms") is not None
-            ),
-        )
-        for pipeline, points in served.items()
-    }
-    gpu = data.get("machine", {}).get("gpu", "unknown GPU")
-    return Curves(curves, f"{Path(path).name}: {gpu}, {variant}")
+def load_curves(paths: Path | Sequence[Path] = BENCH_JSON, variant: str = "fp16") -> Curves:
+    """The served sweeps of one or more ``imgpipe bench`` runs (points with errors are left out), each
+    pipeline's curve keyed by the size of the images its requests carried."""
+    files = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+    curves: dict[tuple[str, Size | None], Curve] = {}
+    sources = []
+    for path in files:
+        data = json.loads(path.read_text())
+        recorded = data.get("input_sizes") or {}
+        for pipeline, points in data["served"][variant].items():
+            size = tuple(recorded[pipeline]) if pipeline in recorded else BENCH_SIZES_BEFORE_RECORDED.get(pipeline)
+            key = (pipeline, size)
+            if key in curves:
+                raise ValueError(f"{path.name}: {pipeline} at {size_text(size)} is measured in another --bench too")
+            curves[key] = Curve(
+                pipeline,
+                tuple(
+                    Point(p["concurrency"], p["throughput"], p["p99_ms"])
+                    for p in points
+                    if not p.get("errors") and p.get("p99_ms") is not None
+                ),
+                size,  # type: ignore[arg-type]
+            )
+        sources.append(f"{path.name}: {data.get('machine', {}).get('gpu', 'unknown GPU')}")
+    return Curves(curves, f"{'; '.join(sources)}, {variant}")
 
 
 def parse_mix(text: str) -> dict[str, float]:
-    """``"remove_background=0.6,detect_faces=0.4"`` → shares summing to 1 (weights are normalised)."""
+    """``"remove_background=0.6,detect_faces=0.4"`` → shares summing to 1 (weights are normalised). A pipeline
+    may be named with its request images' size, ``remove_background@2048x1536=0.2``, once per size."""
     mix: dict[str, float] = {}
     for part in (p.strip() for p in text.split(",") if p.strip()):
         name, sep, weight = part.partition("=")
         try:
             value = float(weight) if sep else 1.0
         except ValueError:
-            raise ValueError(f"--mix: {part!r} is not PIPELINE=WEIGHT") from None
+            raise ValueError(f"--mix: {part!r} is not PIPELINE[@WxH]=WEIGHT") from None
         if value < 0:
             raise ValueError(f"--mix: {part!r}: the weight must not be negative")
-        mix[name.strip()] = mix.get(name.strip(), 0.0) + value
+        pipeline, at, size = name.strip().partition("@")
+        key = f"{pipeline}@{size_text(parse_size(size))}" if at else pipeline
+        mix[key] = mix.get(key, 0.0) + value
     total = sum(mix.values())
     if not mix or total <= 0:
         raise ValueError("--mix: at least one pipeline with a positive weight")

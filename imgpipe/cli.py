@@ -748,13 +748,22 @@ def tune_cmd(
 @app.command("capacity")
 def capacity_cmd(
     rate: Annotated[float, typer.Option(help="Requests per second to serve (the peak).")],
-    mix: Annotated[str, typer.Option(help="Pipeline shares: remove_background=0.6,detect_faces=0.4 ...")],
+    mix: Annotated[
+        str,
+        typer.Option(
+            help="Pipeline shares: remove_background=0.6,detect_faces=0.4 ...; with image sizes measured by"
+            " --bench files: remove_background@1024x768=0.4,remove_background@2048x1536=0.2 ..."
+        ),
+    ],
     p99_ms: Annotated[float, typer.Option(help="Latency target: every pipeline's p99 within it.")] = 1000.0,
     utilisation: Annotated[float, typer.Option(help="Planned busy share of each GPU (headroom).")] = 0.7,
-    bench: Annotated[Path, typer.Option(help="imgpipe bench's JSON with the measured curves.")] = ROOT
-    / "docs"
-    / "benchmarks"
-    / "bench.json",
+    bench: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="imgpipe bench's JSON with the measured curves; repeat it for runs at other image sizes"
+            " (default: docs/benchmarks/bench.json)."
+        ),
+    ] = None,
     variant: Annotated[str, typer.Option(help="The bench variant whose curves to use.")] = "fp16",
     simulate: Annotated[
         str | None, typer.Option(help="LOW:HIGH@SECONDS: simulate the HPA through a step of the load.")
@@ -768,10 +777,10 @@ def capacity_cmd(
     from imgpipe import capacity
 
     try:
-        curves = capacity.load_curves(bench, variant)
+        curves = capacity.load_curves(bench or [capacity.BENCH_JSON], variant)
         plan = capacity.plan(curves, rate, capacity.parse_mix(mix), p99_ms, utilisation)
     except (ValueError, KeyError, OSError) as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(exc.args[0] if isinstance(exc, KeyError) else str(exc)) from None
     table = Table(title=f"{rate:g} req/s within p99 {p99_ms:g} ms ({curves.source})")
     for column in ("pipeline", "req/s", "per GPU", "at concurrency", "GPUs of work"):
         table.add_column(column, justify="left" if column == "pipeline" else "right")
@@ -1039,6 +1048,9 @@ def bench(
             help="FORMAT of remove_background's responses, one of its contract's (jpeg: sent as MODE composite).",
         ),
     ] = "png",
+    photo_size: Annotated[
+        str, typer.Option(help="WIDTHxHEIGHT of remove_background's and colorize's photos (a capacity plan per size).")
+    ] = "1024x768",
     manifest: ManifestOpt = DEFAULT_MANIFEST,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for bench.json and the plots.")] = ROOT
     / "out"
@@ -1065,10 +1077,16 @@ def bench(
         levels = tuple(int(c) for c in concurrency.split(","))
     except ValueError:
         raise _fail(f"--concurrency must be integers, got {concurrency!r}") from None
+    from imgpipe.capacity import parse_size
+
+    try:
+        photo = parse_size(photo_size)
+    except ValueError as exc:
+        raise _fail(f"--photo-size: {exc}") from None
     options = BenchOptions(
         pipelines=chosen, variants=kinds, width=width or None, concurrencies=levels, duration_s=duration,
         warmup_s=warmup, model_seconds=model_seconds, step_instances=step_instances, manifest=manifest,
-        output=output, build_only=build_only, remove_background_format=cut_out_format,
+        output=output, build_only=build_only, remove_background_format=cut_out_format, photo_size=photo,
     )  # fmt: skip
     result = run(options, report=lambda message: console.print(message, highlight=False))
     if build_only:

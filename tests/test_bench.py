@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -102,6 +103,8 @@ def test_bench_measures_served_naive_and_model_only_and_writes_json_and_plots(tm
     for pipeline in pipelines:
         assert pipeline in stdout.split("imgpipe bench on")[-1]  # a row of the printed summary
     assert result["per_request"]["remove_background"] == {"segmenter": 1.0}
+    assert result["input_sizes"] == {"remove_background": [1024, 768], "colorize": [1024, 768],
+                                     "detect_faces": [512, 512], "reconstruct_face": [512, 512]}  # fmt: skip
     assert set(result["per_request"]["detect_faces"]) == {"pnet", "rnet", "onet"}
     assert result["per_request"]["colorize"] == {"colorizer": 1.0}  # SIZE 512: never colorizer_256
     assert result["per_request"]["reconstruct_face"]["face_mesh"] == 1.0  # one face: one mesh, method mesh
@@ -136,3 +139,16 @@ def test_an_ok_answer_without_the_face_counts_as_an_error() -> None:
         check_answer("swap_face", SwapResult(image=b"", swapped=0))
     check_answer("swap_face", SwapResult(image=b"", swapped=1))
     check_answer("colorize", b"")  # nothing to check: any image is an answer
+
+
+def test_bench_refuses_a_photo_size_that_is_not_width_x_height(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from imgpipe.bench import Inputs, input_size
+    from imgpipe.cli import app
+
+    done = CliRunner().invoke(app, ["bench", "--photo-size", "big", "-o", str(tmp_path)], env={"COLUMNS": "200"})
+    assert done.exit_code != 0 and "--photo-size" in done.output and "WIDTHxHEIGHT" in done.output
+    faces = Inputs([], [], b"", b"", np.zeros((512, 384, 3), np.uint8))
+    assert input_size("colorize", faces, (2048, 1536)) == [2048, 1536]
+    assert input_size("swap_face", faces, (2048, 1536)) == [384, 512]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +15,8 @@ from imgpipe import capacity as c
 def _curves() -> c.Curves:
     return c.Curves(
         {
-            "a": c.Curve("a", (c.Point(1, 10, 100), c.Point(4, 30, 400), c.Point(8, 40, 1200))),
-            "b": c.Curve("b", (c.Point(1, 5, 300), c.Point(4, 10, 800))),
+            ("a", None): c.Curve("a", (c.Point(1, 10, 100), c.Point(4, 30, 400), c.Point(8, 40, 1200))),
+            ("b", None): c.Curve("b", (c.Point(1, 5, 300), c.Point(4, 10, 800))),
         },
         "constructed",
     )
@@ -87,3 +89,52 @@ def test_capacity_command_prints_the_plan_and_draws_the_simulations(tmp_path) ->
     assert (tmp_path / "hpa-min2.png").is_file() and (tmp_path / "hpa-plan.png").is_file()
     bad = CliRunner().invoke(app, ["capacity", "--rate", "10", "--mix", "sharpen=1"])
     assert bad.exit_code != 0 and "sharpen" in bad.output
+
+
+def _bench_json(path: Path, size: list[int] | None, throughputs: list[float]) -> Path:
+    """A bench.json as `imgpipe bench` writes it, remove_background measured at ``size`` (None: a run from
+    before sizes were recorded)."""
+    points = [{"concurrency": 4**i, "throughput": t, "p99_ms": 200.0 * (i + 1), "errors": 0}
+              for i, t in enumerate(throughputs)]  # fmt: skip
+    data = {"machine": {"gpu": "NVIDIA H100"}, "served": {"fp16": {"remove_background": points}}}
+    if size is not None:
+        data["input_sizes"] = {"remove_background": size}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_mix_of_image_sizes_is_planned_from_curves_measured_at_each_size(tmp_path: Path) -> None:
+    """Guards issue 13's 'image size mix': each size has its own measured curve, none is extrapolated."""
+    small = _bench_json(tmp_path / "small.json", None, [20.0, 60.0, 80.0])  # the 1024x768 bench of old runs
+    large = _bench_json(tmp_path / "large.json", [2048, 1536], [5.0, 15.0, 20.0])
+    curves = c.load_curves([small, large])
+    mix = c.parse_mix("remove_background@1024x768=3,remove_background@2048X1536=1")
+    assert mix == {"remove_background@1024x768": 0.75, "remove_background@2048x1536": 0.25}
+    plan = c.plan(curves, 40, mix, 1000)
+    rows = {r.pipeline: r for r in plan.rows}
+    assert rows["remove_background@1024x768"].capacity == 80.0 and rows["remove_background@2048x1536"].capacity == 20
+    assert plan.gpu_time == pytest.approx(30 / 80 + 10 / 20)
+    with pytest.raises(KeyError, match="several sizes"):
+        c.plan(curves, 40, c.parse_mix("remove_background=1"), 1000)
+    with pytest.raises(KeyError, match="--photo-size 4096x3072"):
+        c.plan(curves, 40, c.parse_mix("remove_background@4096x3072=1"), 1000)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        c.parse_mix("remove_background@big=1")
+    with pytest.raises(ValueError, match="another --bench"):
+        c.load_curves([small, small])
+
+
+def test_capacity_command_takes_several_bench_runs(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from imgpipe.cli import app
+
+    small = _bench_json(tmp_path / "small.json", [1024, 768], [20.0, 60.0, 80.0])
+    large = _bench_json(tmp_path / "large.json", [2048, 1536], [5.0, 15.0, 20.0])
+    args = ["capacity", "--rate", "40", "--bench", str(small), "--bench", str(large),
+            "--mix", "remove_background@1024x768=3,remove_background@2048x1536=1"]  # fmt: skip
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "remove_background@2048x1536" in result.output and "2 pods" in result.output
+    missing = CliRunner().invoke(app, [*args[:-1], "remove_background@640x480=1"], env={"COLUMNS": "200"})
+    assert missing.exit_code != 0 and "not measured" in missing.output
