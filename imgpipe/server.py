@@ -271,9 +271,21 @@ def flag_value(args: tuple[str, ...] | list[str], flag: str) -> str | None:
 
 
 SHM_DIR = Path("/dev/shm")
+CUDA_MEMORY_POOL_MIB = 1024  # per GPU (see TritonServer.cuda_memory_pool_mib)
 OMP_WAIT_POLICY = "PASSIVE"  # the stubs' OpenMP threads sleep when idle (see TritonServer.environment)
 # Triton 2.51 logs this once no inference is in flight any more and it starts unloading the models.
 _UNLOADING = "All models are stopped, unloading models"
+
+
+def visible_gpus(dev: Path = Path("/dev")) -> list[int]:
+    """Triton's device ids of this machine's GPUs: the NVIDIA device files, as many as CUDA_VISIBLE_DEVICES
+    lets through (without importing CUDA). Empty on a machine without one."""
+    found = sorted(int(p.name[len("nvidia") :]) for p in dev.glob("nvidia[0-9]*") if p.name[6:].isdigit())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"])
+        found = found[: min(count, len(found))]
+    return list(range(len(found)))
 
 
 def _new_shm_prefix() -> str:
@@ -305,6 +317,12 @@ class TritonServer:
     grace_s: float = 30.0  # SIGTERM drain: Triton's --exit-timeout-secs, and what stop() waits for
     unload_timeout_s: float = 10.0  # after the last request finished, how long unloading may take at stop
     open_internal_models: bool = False  # no internal key: internal networks/steps callable from outside
+    # Triton's CUDA memory pool per GPU (--cuda-memory-pool-byte-size, 64 MiB by default): the Python backend
+    # hands GPU tensors between steps through it, and past it falls back to pinned host memory or fails to
+    # fill the buffer ("failed to copy data", server#7148). One remove_background batch of 16 holds ~200 MB.
+    cuda_memory_pool_mib: int = field(
+        default_factory=lambda: int(os.environ.get("IMGPIPE_CUDA_MEMORY_POOL_MIB", CUDA_MEMORY_POOL_MIB))
+    )
     failure: str | None = field(default=None, init=False)  # why the supervisor stopped the server, if it did
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log_lines: list[str] = field(default_factory=list, init=False, repr=False)
@@ -425,6 +443,7 @@ class TritonServer:
                 else [f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}"]
             ),
             f"--exit-timeout-secs={math.ceil(self.grace_s)}",
+            *(f"--cuda-memory-pool-byte-size={gpu}:{self.cuda_memory_pool_mib << 20}" for gpu in visible_gpus()),
             *self.extra_args,  # last: they may override any of the above
         ]
 

@@ -14,7 +14,15 @@ import pytest
 from PIL import Image
 
 from imgpipe.samples import encode, sample_array
-from imgpipe.server import Ports, ServerError, TritonServer, explain_failure, free_ports, port_is_free
+from imgpipe.server import (
+    Ports,
+    ServerError,
+    TritonServer,
+    explain_failure,
+    free_ports,
+    port_is_free,
+    visible_gpus,
+)
 from tests.conftest import serve_banner
 
 pytestmark = pytest.mark.server
@@ -131,3 +139,19 @@ def test_an_installed_triton_is_used_where_the_wheel_is_not(tmp_path: Path, monk
     assert dist.system and dist.binary == home / "bin" / "tritonserver" and dist.libs == home / "lib"
     cache = tmp_path / "read-only" / "cache"
     assert dist.prepare_backends(cache) == home / "backends" and not cache.exists()
+
+
+def test_the_cuda_memory_pool_is_sized_for_each_visible_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards the GPU hand-over between Python-backend steps: Triton's 64 MiB default pool is too small for a
+    batch of 1024² tensors (a size per GPU, none on a machine without one)."""
+    for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm", "nvidia-modeset"):
+        (tmp_path / name).touch()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpus(tmp_path) == [0, 1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert visible_gpus(tmp_path) == [0]  # Triton numbers the visible devices from 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus(tmp_path) == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    flags = [a for a in TritonServer(tmp_path).command(tmp_path) if a.startswith("--cuda-memory-pool-byte-size")]
+    assert flags == [f"--cuda-memory-pool-byte-size={g}:{1024 << 20}" for g in visible_gpus()]
