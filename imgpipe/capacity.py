@@ -7,7 +7,7 @@ and p99 at each concurrency, one GPU, one Triton). One pod = one GPU = one Trito
 so pipelines share a GPU's time: a pipeline at rate r with per-GPU capacity c uses r / c of a GPU.
 
 Model assumptions (stated in docs/scaling.md): capacity at a latency target is the highest measured
-throughput whose p99 is within the target (no interpolation between measured concurrencies); images of
+throughput whose p99 is within the target (no interpolation between measured concurrencies); images
 of several sizes are planned from curves measured at each size (``imgpipe bench --photo-size``; a mix names
 them ``pipeline@WxH``) and never extrapolated from another size; the HPA follows
 Kubernetes' algorithm (desired = ceil(current × metric / target), a 10 % tolerance, a sync period, a
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imgpipe.bench import PHOTO_SIZE
 from imgpipe.paths import ROOT
 
 BENCH_JSON = ROOT / "docs" / "benchmarks" / "bench.json"
@@ -39,10 +40,10 @@ class Point:
 Size = tuple[int, int]  # width, height of a pipeline's request images
 
 # Input sizes of the bench runs that did not record them (``input_sizes`` in bench.json): its fixed inputs,
-# 1024×768 photos and the 512² sample faces.
+# the photos at the bench's default size and the 512² sample faces.
 BENCH_SIZES_BEFORE_RECORDED: dict[str, Size] = {
-    "remove_background": (1024, 768),
-    "colorize": (1024, 768),
+    "remove_background": PHOTO_SIZE,
+    "colorize": PHOTO_SIZE,
     "detect_faces": (512, 512),
     "swap_face": (512, 512),
     "reconstruct_face": (512, 512),
