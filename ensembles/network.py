@@ -53,7 +53,7 @@ class NetworkStep(Step):
         if feeds:
             try:
                 for index, outputs in zip(valid, self.runner.run(feeds), strict=True):
-                    responses[index] = self.response(outputs)
+                    responses[index] = self.response(outputs, requests[index])
             except Exception as exc:
                 for index in valid:
                     responses[index] = self.failure(exc)

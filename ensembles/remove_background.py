@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from imgpipe.ensembles import background
-from imgpipe.ensembles.step import Outputs, Step
+from imgpipe.ensembles.step import Outputs, Pending, Step
 from imgpipe.errors import InvalidInputError
 from imgpipe.imaging import IntakeLimits, decode_images, encode_image
 from imgpipe.pipelines.remove_background import CONTRACT, MASK, ORIGINAL, PIXELS, SIZE, Settings
@@ -110,5 +109,7 @@ class Postprocess(Step):
             alpha = background.mask_to_alpha(
                 mask, height, width, self.activation, guide, self.settings.guided_radius, self.settings.guided_eps
             )
-            encoded.append(encode_image(background.compose(rgb, alpha, options), options.format, **encoding))
-        return {"OUTPUT": np.array(encoded, dtype=object).reshape(-1, 1)}
+            encoded.append(
+                self.encode(encode_image, background.compose(rgb, alpha, options), options.format, **encoding)
+            )
+        return {"OUTPUT": Pending(encoded, (-1, 1))}

@@ -23,9 +23,11 @@ import asyncio
 import collections
 import importlib
 import json
+import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import numpy as np
@@ -34,7 +36,7 @@ import torch
 from imgpipe.errors import InvalidInputError
 from imgpipe.guard import INTERNAL_KEY_PARAM, VISIBILITY_PARAM, carries_key, check_internal, internal_key
 
-Outputs = dict[str, "np.ndarray | torch.Tensor"]
+Outputs = dict[str, "np.ndarray | torch.Tensor | Pending"]
 
 
 class InnerModelError(RuntimeError):
@@ -62,6 +64,25 @@ KEEP_ALIVE = 16  # responses whose CUDA outputs a step keeps referenced (see Ste
 # Until that is understood, BLS requests travel in host memory (the steps still compute on the GPU).
 BLS_GPU_MEMORY = False
 BLS_MARK = "[imgpipe:INVALID_ARG] "
+# A step answering a BLS request hands over its CUDA outputs as host tensors, copied by its own code
+# before execute returns, when BLS travels in host memory: the caller asked for host memory anyway, and
+# the Python backend's own copy of a stub's CUDA output into a host buffer reads it after execute has
+# returned (what KEEP_ALIVE works around). Measured on the H100 under load: see docs/benchmarks.md.
+BLS_HOST_OUTPUTS = not BLS_GPU_MEMORY
+# Threads per step instance that encode images (Pillow releases the GIL while it encodes): the images of
+# a batch, and of the requests of one execute, are encoded at once instead of one after another.
+ENCODE_THREADS = min(4, os.cpu_count() or 1)
+
+
+class Pending:
+    """A BYTES output still being encoded on the step's threads (:meth:`Step.encode`): the response
+    waits for it. ``shape`` is the output's shape (one item per future)."""
+
+    def __init__(self, futures: Sequence[Future], shape: tuple[int, ...]) -> None:
+        self.futures, self.shape = list(futures), shape
+
+    def result(self) -> np.ndarray:
+        return np.array([f.result() for f in self.futures], dtype=object).reshape(self.shape)
 
 
 def instance_device(args: dict[str, str], log: Any = None) -> torch.device:
@@ -109,6 +130,7 @@ class Step:
         # allocator would hand their memory to the next request if nothing held them (measured on the H100:
         # garbage sizes and a crashed server under load before this).
         self._alive: collections.deque[tuple[torch.Tensor, ...]] = collections.deque(maxlen=KEEP_ALIVE)
+        self._encoders: ThreadPoolExecutor | None = None  # made by the first encode (steps that encode)
         self.device = instance_device(args, self.log_warn)
         # Who may call this model (imgpipe.guard): an internal one refuses requests without this server's key.
         self.visibility = self.parameters.get(VISIBILITY_PARAM, "public")
@@ -136,6 +158,17 @@ class Step:
     def finalize(self) -> None:
         """Release what :meth:`setup` took (called when Triton unloads the model); call super()."""
         self._alive.clear()
+        if self._encoders is not None:
+            self._encoders.shutdown(wait=True, cancel_futures=True)
+
+    # -- encoding on the step's threads ------------------------------------------------------
+    def encode(self, function: Callable[..., bytes], *args: Any, **kwargs: Any) -> Future:
+        """``function(*args, **kwargs)`` (an encoder: numpy in, bytes out) on this instance's encoder
+        threads. Give it host arrays: device tensors are read here, in the step's own thread."""
+        if self._encoders is None:
+            self._encoders = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix=f"{self.name}-encode")
+        args = tuple(a.cpu().numpy() if isinstance(a, torch.Tensor) else a for a in args)
+        return self._encoders.submit(function, *args, **kwargs)
 
     # -- logging -----------------------------------------------------------------------------
     def _logger(self) -> Any:
@@ -162,14 +195,25 @@ class Step:
         check_internal(self.name, self.visibility, self._raw_parameters(request), self.internal_key)
 
     def execute(self, requests: Sequence[Any]) -> list[Any]:
-        responses = []
+        # Every request is handled first (their encodings, if any, start on the encoder threads), then
+        # answered: the images of all of them are encoded at once.
+        handled: list[Outputs | Exception] = []
         for request in requests:
             try:
                 self.admit(request)
-                responses.append(self.response(self.handle(request)))
+                handled.append(self.handle(request))
             except Exception as exc:  # keep serving: one failed request must not take the batch down
-                responses.append(self.failure(exc, request))
-        return responses
+                handled.append(exc)
+        return [self.respond(outputs, request) for outputs, request in zip(handled, requests, strict=True)]
+
+    def respond(self, outputs: Outputs | Exception, request: Any) -> Any:
+        """The response to ``request``: its outputs, or the error response of what went wrong."""
+        if isinstance(outputs, Exception):
+            return self.failure(outputs, request)
+        try:
+            return self.response(outputs, request)
+        except Exception as exc:  # an encoding that failed, or an output Triton refused
+            return self.failure(exc, request)
 
     def failure(self, exc: BaseException, request: Any = None) -> Any:
         """The error response for an exception: INVALID_ARG for the caller's mistakes; anything else
@@ -185,8 +229,14 @@ class Step:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[0][:300]
         return self.error(f"{self.name} failed: {detail}", self.pb.TritonError.INTERNAL)
 
-    def response(self, outputs: Outputs) -> Any:
-        ready = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
+    def response(self, outputs: Outputs, request: Any = None) -> Any:
+        """The response holding ``outputs`` (pending encodings awaited). CUDA tensors go to Triton through
+        DLPack, except for a BLS caller of this server in host memory: those are copied to the host here
+        (:data:`BLS_HOST_OUTPUTS`)."""
+        ready = {k: v.result() if isinstance(v, Pending) else v for k, v in outputs.items()}
+        to_host = BLS_HOST_OUTPUTS and request is not None and self.from_bls(request)
+        ready = {k: (v.cpu() if to_host else v.contiguous()) if isinstance(v, torch.Tensor) else v
+                 for k, v in ready.items()}  # fmt: skip
         cuda = tuple(v for v in ready.values() if isinstance(v, torch.Tensor) and v.is_cuda)
         if cuda:
             self.settle(cuda)
@@ -261,6 +311,11 @@ class Step:
         names = request.requested_output_names() if hasattr(request, "requested_output_names") else None
         return set(names or ())
 
+    def from_bls(self, request: Any) -> bool:
+        """Whether ``request`` came from a BLS step (it names its caller; an outside caller that claims to be
+        one only gets host tensors, which it receives anyway)."""
+        return BLS_CALLER in self._raw_parameters(request)
+
     @staticmethod
     def _raw_parameters(request: Any) -> dict[str, Any]:
         try:
@@ -292,7 +347,11 @@ class BlsStep(Step):
         async def one(request: Any) -> Any:
             try:
                 self.admit(request)
-                return self.response(await self.handle_async(request))
+                outputs = await self.handle_async(request)
+                for value in outputs.values():  # encodings on the step's threads: awaited, not blocked on
+                    if isinstance(value, Pending):
+                        await asyncio.gather(*(asyncio.wrap_future(f) for f in value.futures))
+                return self.response(outputs, request)
             except Exception as exc:
                 return self.failure(exc, request)
 

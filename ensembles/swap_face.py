@@ -23,7 +23,7 @@ import torch
 from imgpipe.ensembles import face_geometry as geo
 from imgpipe.ensembles import face_mesh, mesh_swap, mtcnn
 from imgpipe.ensembles.detect_faces import DEFAULT_PARAMS, FaceFinder
-from imgpipe.ensembles.step import Outputs
+from imgpipe.ensembles.step import Outputs, Pending
 from imgpipe.errors import InvalidInputError
 from imgpipe.imaging import encode_image
 from imgpipe.pipelines.swap_face import CONTRACT, EMAP_FILE, TRIANGLES_FILE, Settings
@@ -116,5 +116,5 @@ class SwapFace(FaceFinder):
         elif chosen:
             frame = await self.swap_inswapper(frame, source, source_faces, target_faces, chosen)
         result = frame.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        encoded = encode_image(result, parameters["format"])
-        return {"IMAGE": np.array([encoded], dtype=object), "SWAPPED": np.array([len(chosen)], dtype=np.int32)}
+        encoded = self.encode(encode_image, result, parameters["format"])
+        return {"IMAGE": Pending([encoded], (1,)), "SWAPPED": np.array([len(chosen)], dtype=np.int32)}
