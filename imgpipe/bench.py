@@ -65,7 +65,7 @@ class BenchOptions:
     duration_s: float = 8.0
     warmup_s: float = 2.0
     model_seconds: float = 2.0  # model-only: time spent per batch size
-    step_instances: int = 0  # Python-step instances of the fp16/fp32 variants; 0: one per 4 CPU cores
+    step_instances: int = 0  # Python-step instances of the fp16/fp32 variants; 0: see step_instances()
     build_only: bool = False  # build the variants' repositories and stop (a warm cache for a later run)
     manifest: Path = DEFAULT_MANIFEST
     output: Path = Path("out/bench")
@@ -110,6 +110,18 @@ def machine() -> dict[str, Any]:
 # -- the variants ---------------------------------------------------------------------------------
 
 
+def step_instances(options: BenchOptions, batched: bool) -> int:
+    """Python-step instances of a tuned variant's pipeline: ``--step-instances``, else one per 4 CPU cores, and
+    one per 2 for an unbatched BLS model (detect_faces, swap_face, reconstruct_face): Triton hands such a model
+    one request per execute, and its instance waits for the networks it calls, so instances are what lets
+    requests overlap (on the H100 with one per 4 cores: 4 instances, ~100 ms per detect_faces request, 38
+    requests/s)."""
+    if options.step_instances:
+        return options.step_instances
+    cores = os.cpu_count() or 4
+    return max(1, cores // 4 if batched else cores // 2)
+
+
 def variant_manifest(base: dict[str, Any], variant: str, options: BenchOptions, gpu: bool, path: Path) -> Manifest:
     """The manifest of one variant: the bench's pipelines, full-width reference networks, and the
     variant's serving configuration (``--set``-style overrides on a copy of the manifest).
@@ -151,16 +163,16 @@ def variant_manifest(base: dict[str, Any], variant: str, options: BenchOptions, 
             f"{seg}.preferred_batch_sizes=[4, 8, 16]",
             f"{seg}.max_queue_delay_us=3000",
         ]
-    steps = options.step_instances or max(1, (os.cpu_count() or 4) // 4)
     known = registry()
     for pipeline in data["pipelines"]:
+        batched = "max_batch_size" in {f.name for f in dataclasses.fields(known[pipeline].settings)}
         if variant == "naive":
             sets.append(f'pipelines.{pipeline}.instances={{count = 1, kind = "cpu"}}')
             # batch 1 everywhere: the pipelines' own batching too (remove_background's ensemble, colorize's BLS)
-            if "max_batch_size" in {f.name for f in dataclasses.fields(known[pipeline].settings)}:
+            if batched:
                 sets.append(f"pipelines.{pipeline}.max_batch_size=1")
         else:
-            sets.append(f'pipelines.{pipeline}.instances={{count = {steps}, kind = "auto"}}')
+            sets.append(f'pipelines.{pipeline}.instances={{count = {step_instances(options, batched)}, kind = "auto"}}')
     if "remove_background" in data["pipelines"] and variant != "naive":
         sets.append("pipelines.remove_background.max_batch_size=16")
         # the encoder bounds this pipeline: half the cores encode

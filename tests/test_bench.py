@@ -77,6 +77,13 @@ def test_bench_covers_every_builtin_pipeline_with_the_same_variant_rules(tmp_pat
         assert (settings.instances.count, settings.instances.kind) == (3, "auto"), name
         assert (naive.pipelines[name].instances.count, naive.pipelines[name].instances.kind) == (1, "cpu"), name
     assert tuned.pipelines["colorize"].max_batch_size > 1 and naive.pipelines["colorize"].max_batch_size == 1
+    # without --step-instances: twice the instances for the unbatched BLS models (one request per execute)
+    default = variant_manifest(base, "fp16", BenchOptions(pipelines=("colorize", "reconstruct_face")), False,
+                               tmp_path / "default.toml")  # fmt: skip
+    cores = os.cpu_count() or 4
+    counts = {name: settings.instances.count for name, settings in default.pipelines.items()}
+    assert counts == {"colorize": max(1, cores // 4), "reconstruct_face": max(1, cores // 2),
+                      "detect_faces": max(1, cores // 2)}  # fmt: skip
     for net in naive.networks.values():
         assert (net.batching.max_batch_size, net.instances.count, net.torch.cuda_graphs) == (1, 1, False), net.name
     # remove_background's FORMAT: PNG unless asked (the RGBA cut-out the published figures measured), one of the
