@@ -152,17 +152,21 @@ class TorchRunner(Runner):
         self.dtype = torch.float16 if half else torch.float32
         self.channels_last = bool(options.get("channels_last", True)) and all(len(s) == 3 for s in self.shapes.values())
         cuda = device.type == "cuda"
+        static = all(-1 not in s for s in self.shapes.values())
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+            # cuDNN's autotuner times every algorithm for each new input shape: once per bucket for a network
+            # of fixed shapes, but for every new image size for a dynamic one (pnet's pyramid levels: each
+            # photo size brings ~10 new shapes, and the choices are kept for ever). One network per process,
+            # so the process-wide flag is this network's.
+            torch.backends.cudnn.benchmark = static
         module = module.eval().to(device=device, dtype=self.dtype)
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.graphs: dict[int, _Captured] = {}
-        static = all(-1 not in s for s in self.shapes.values())
         if cuda and options.get("cuda_graphs") and static:
             self._capture(sorted(int(b) for b in options.get("buckets", [1])))
 
