@@ -339,42 +339,75 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, method: str
 
     The reference's order: best score first, equal scores the later index first; a box is dropped
     when its overlap with a kept one is not ``<= threshold`` (intersection over union, or over the
-    smaller area for ``method="min"``), computed in the boxes' dtype.
-
-    The overlaps of all pairs are computed on the boxes' device in blocks of rows (bounded memory);
-    only the suppressing pairs come to the host, where the greedy pass is a plain loop. That is one
-    host synchronisation per block instead of one per kept box.
+    smaller area for ``method="min"``), computed in the boxes' dtype. See :func:`nms_groups`.
     """
-    count = boxes.shape[0]
-    if count == 0:
-        return torch.zeros((0,), dtype=torch.int64, device=boxes.device)
-    order = torch.argsort(scores, stable=True).flip(0)
-    x1, y1, x2, y2 = boxes[order, :4].unbind(1)
+    return nms_groups(boxes, scores, [boxes.shape[0]], threshold, method)[0]
+
+
+def nms_groups(
+    boxes: torch.Tensor, scores: torch.Tensor, sizes: Sequence[int], threshold: float, method: str = "union"
+) -> list[torch.Tensor]:
+    """:func:`nms` of each group of consecutive boxes (``sizes[g]`` boxes in group g; no box suppresses
+    another group's), as indices into ``boxes``, each group's in its keep order.
+
+    The overlaps of the pairs within each group are computed on the boxes' device, the groups side by side
+    (padded to the largest), in blocks of rows (bounded memory); only the suppressing pairs come to the host,
+    where the greedy pass is a plain loop. That is one host synchronisation per block (one for the usual
+    sizes), not one per group or per kept box.
+    """
+    sizes = [int(n) for n in sizes]
+    device = boxes.device
+    if not sizes or max(sizes) == 0:
+        return [torch.zeros((0,), dtype=torch.int64, device=device) for _ in sizes]
+    groups, largest = len(sizes), max(sizes)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).tolist()
+    # [G, largest] positions into boxes (padding: position 0, masked below), and each group's order.
+    position = torch.arange(largest, device=device)
+    count = torch.tensor(sizes, device=device)
+    valid = position[None, :] < count[:, None]
+    index = torch.where(valid, torch.tensor(starts, device=device)[:, None] + position[None, :], 0)
+    padded = torch.where(valid, scores[index], -torch.inf)  # the padding sorts first, so last after the flip
+    order = torch.gather(index, 1, torch.argsort(padded, dim=1, stable=True).flip(1))
+    x1, y1, x2, y2 = boxes[order, :4].unbind(2)  # [G, largest] each, in each group's order
     area = (x2 - x1 + 1) * (y2 - y1 + 1)
-    block = max(64, _NMS_BLOCK_ELEMENTS // count)
+    block = max(64, _NMS_BLOCK_ELEMENTS // (groups * largest))
     counts, targets = [], []
-    for first in range(0, count, block):
-        rows, cols = slice(first, min(first + block, count)), slice(first, count)  # pairs (i, j > i) only
-        w = torch.minimum(x2[rows, None], x2[None, cols]) - torch.maximum(x1[rows, None], x1[None, cols]) + 1
-        h = torch.minimum(y2[rows, None], y2[None, cols]) - torch.maximum(y1[rows, None], y1[None, cols]) + 1
-        inter = w.clamp_min(0.0) * h.clamp_min(0.0)
+    for first in range(0, largest, block):
+        rows, cols = slice(first, min(first + block, largest)), slice(first, largest)  # pairs (i, j > i) only
+        w = torch.minimum(x2[:, rows, None], x2[:, None, cols]) - torch.maximum(x1[:, rows, None], x1[:, None, cols])
+        h = torch.minimum(y2[:, rows, None], y2[:, None, cols]) - torch.maximum(y1[:, rows, None], y1[:, None, cols])
+        inter = (w + 1).clamp_min(0.0) * (h + 1).clamp_min(0.0)
         if method == "min":
-            denom = torch.minimum(area[rows, None], area[None, cols])
+            denom = torch.minimum(area[:, rows, None], area[:, None, cols])
         else:
-            denom = area[rows, None] + area[None, cols] - inter
-        suppresses = torch.triu(~(inter / denom <= threshold), diagonal=1)
-        counts.append(suppresses.sum(1))
-        targets.append(torch.nonzero(suppresses)[:, 1] + first)
-    per_row, suppressed = torch.cat(counts).tolist(), torch.cat(targets).tolist()
-    removed = bytearray(count)
-    keep, start = [], 0
-    for i, n in enumerate(per_row):
-        if not removed[i]:
-            keep.append(i)
-            for j in suppressed[start : start + n]:
-                removed[j] = 1
-        start += n
-    return order[torch.tensor(keep, dtype=torch.int64, device=boxes.device)]
+            denom = area[:, rows, None] + area[:, None, cols] - inter
+        suppresses = torch.triu(~(inter / denom <= threshold), diagonal=1) & valid[:, None, cols]
+        counts.append(suppresses.sum(2))  # [G, rows]
+        found = torch.nonzero(suppresses)  # (g, i, j) in row-major order
+        targets.append(found[:, 2] + first)
+    per_row = torch.cat(counts, dim=1).tolist()  # [G][largest]
+    suppressed = torch.cat(targets).tolist()
+    # nonzero walked the blocks group by group: regroup the targets as (group, row) lists
+    at, lists = 0, [[[] for _ in range(largest)] for _ in range(groups)]
+    for first in range(0, largest, block):
+        last = min(first + block, largest)
+        for g in range(groups):
+            for i in range(first, last):
+                n = per_row[g][i]
+                if n:
+                    lists[g][i] = suppressed[at : at + n]
+                    at += n
+    kept = []
+    for g, size in enumerate(sizes):
+        removed = bytearray(largest)
+        keep = []
+        for i in range(size):
+            if not removed[i]:
+                keep.append(i)
+                for j in lists[g][i]:
+                    removed[j] = 1
+        kept.append(order[g, torch.tensor(keep, dtype=torch.int64, device=device)])
+    return kept
 
 
 def _square(boxes: torch.Tensor) -> torch.Tensor:
@@ -404,30 +437,45 @@ def stage1(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """pnet outputs (regression [1,W',H',4], probability [1,W',H',2]) per scale → candidate boxes [K, 5]
-    float64 (x1, y1, x2, y2, score) on the outputs' device (``device`` when there are no outputs)."""
-    found = []
-    for (reg, prob), scale in zip(outputs, scales, strict=True):
-        face = prob[0, :, :, 1]  # [W', H'] (the nets' transposed layout)
-        cells = torch.nonzero(face >= params.thresholds[0])  # row-major, as numpy's nonzero
-        if cells.shape[0] == 0:
-            continue
-        xs, ys = cells.unbind(1)
-        corner = cells.to(torch.float64)
-        q1 = torch.trunc((PNET_STRIDE * corner + 1) / scale)
-        q2 = torch.trunc((PNET_STRIDE * corner + PNET_CELL) / scale)
-        boxes = torch.cat([q1, q2], dim=1)
-        scores = face[xs, ys].to(torch.float64)
-        if cells.shape[0] == 1:  # the reference then reads the regression mirrored along x (np.flipud)
-            xs = face.shape[0] - 1 - xs
-        regs = reg[0, xs, ys, :].to(torch.float64)
-        best = _best(scores, MAX_CELLS_PER_LEVEL)
-        if best is not None:
-            boxes, scores, regs = boxes[best], scores[best], regs[best]
-        keep = nms(boxes, scores, 0.5)
-        found.append(torch.cat([boxes[keep], scores[keep, None], regs[keep]], dim=1))
-    if not found:
-        return _empty_boxes(outputs[0][1].device if outputs else device)
-    cand = torch.cat(found)
+    float64 (x1, y1, x2, y2, score) on the outputs' device (``device`` when there are no outputs).
+
+    The levels are digested together (their cells in one vector, level after level): one search for the
+    cells over the threshold and one NMS call for every level's own NMS (:func:`nms_groups`), so a pyramid
+    costs a few host synchronisations, not a few per level (on a GPU each one waits for the queue)."""
+    if not outputs:
+        return _empty_boxes(device)
+    on = outputs[0][1].device
+    faces = [prob[0, :, :, 1] for _, prob in outputs]  # [W', H'] each (the nets' transposed layout)
+    flat = torch.cat([f.reshape(-1) for f in faces])
+    cells = torch.nonzero(flat >= params.thresholds[0])[:, 0]  # level by level, each row-major as numpy's
+    if cells.shape[0] == 0:
+        return _empty_boxes(on)
+    starts = torch.tensor(np.cumsum([0] + [f.numel() for f in faces[:-1]]).tolist(), device=on)
+    level = torch.searchsorted(starts, cells, right=True) - 1
+    counts = torch.bincount(level, minlength=len(faces)).tolist()
+    heights = torch.tensor([f.shape[1] for f in faces], device=on)[level]
+    widths = torch.tensor([f.shape[0] for f in faces], device=on)[level]
+    local = cells - starts[level]
+    xs, ys = local // heights, local % heights
+    corner = torch.stack([xs, ys], dim=1).to(torch.float64)
+    scale = torch.tensor(scales, dtype=torch.float64, device=on)[level, None]
+    q1 = torch.trunc((PNET_STRIDE * corner + 1) / scale)
+    q2 = torch.trunc((PNET_STRIDE * corner + PNET_CELL) / scale)
+    boxes = torch.cat([q1, q2], dim=1)
+    scores = flat[cells].to(torch.float64)
+    # A level with one cell: the reference then reads its regression mirrored along x (np.flipud).
+    single = torch.tensor([n == 1 for n in counts], device=on)[level]
+    xs = torch.where(single, widths - 1 - xs, xs)
+    regs = torch.cat([reg[0].reshape(-1, 4) for reg, _ in outputs])[starts[level] + xs * heights + ys]
+    regs = regs.to(torch.float64)
+    if max(counts) > MAX_CELLS_PER_LEVEL:  # each level's best cells, in their order
+        pieces = torch.arange(len(cells), device=on).split(counts)
+        chosen = [p if (best := _best(scores[p], MAX_CELLS_PER_LEVEL)) is None else p[best] for p in pieces]
+        keep = torch.cat(chosen)
+        boxes, scores, regs = boxes[keep], scores[keep], regs[keep]
+        counts = [min(n, MAX_CELLS_PER_LEVEL) for n in counts]
+    keep = torch.cat(nms_groups(boxes, scores, [n for n in counts if n], 0.5))
+    cand = torch.cat([boxes[keep], scores[keep, None], regs[keep]], dim=1)
     best = _best(cand[:, 4], MAX_PROPOSALS)
     if best is not None:
         cand = cand[best]

@@ -82,6 +82,25 @@ def test_nms_matches_the_reference_including_ties(device: str, dtype: torch.dtyp
         assert kept.dtype == torch.int64 and kept.cpu().tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_nms_of_groups_is_each_groups_own_nms(device: str) -> None:
+    """stage1 runs every pyramid level's NMS in one call: the same boxes, group by group, as the reference
+    keeps them alone, even where boxes of different groups overlap (they never suppress each other)."""
+    generator = torch.Generator().manual_seed(11)
+    sizes = [3, 0, 250, 1, 40, 2500]  # an empty group, a single box; 2500: several blocks of rows
+    corner = torch.randint(0, 200, (sum(sizes), 2), generator=generator).to(torch.float64)
+    side = torch.randint(5, 60, (sum(sizes), 2), generator=generator).to(torch.float64)
+    boxes = torch.cat([corner, corner + side], 1)
+    scores = torch.randint(0, 20, (sum(sizes),), generator=generator).to(torch.float64) / 20
+    kept = mtcnn.nms_groups(boxes.to(device), scores.to(device), sizes, 0.5)
+    _on(device, kept[0])
+    start = 0
+    for size, group in zip(sizes, kept, strict=True):
+        expected = _reference_nms(boxes[start : start + size].numpy(), scores[start : start + size].numpy(), 0.5)
+        assert group.cpu().tolist() == (expected + start).tolist()
+        start += size
+
+
 def _reference_crops(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """The per-box loop that the batched crops replaced: cut each zero-padded float64 patch (as the MTCNN
     reference does) and resize it alone with the single-image resize (OpenCV's INTER_AREA)."""
