@@ -29,6 +29,7 @@ import torch
 
 PNET_STRIDE, PNET_CELL = 2, 12
 _NMS_BLOCK_ELEMENTS = 1 << 22  # pairs of boxes whose overlap is computed at once by nms
+_NMS_SHARED_SIDE = 256  # groups of at most this many boxes in all always share one nms_groups block
 # Work bounds (issue 12): with thresholds near 0 every pnet cell is a candidate (15,000 on one level of a 256²
 # image), and NMS over n boxes costs n². The best-scoring candidates are kept at each stage; a photo's real
 # faces are far fewer, so results at usual thresholds are unchanged.
@@ -344,70 +345,88 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, method: str
     return nms_groups(boxes, scores, [boxes.shape[0]], threshold, method)[0]
 
 
+def _nms_blocks(sizes: Sequence[int]) -> list[tuple[int, int, int, bool]]:
+    """The pair blocks of :func:`nms_groups`: (first row, end row, end column, whether it holds several groups)
+    in the boxes' sorted order, covering every row once; the columns start at the block's first row.
+    Consecutive groups share a block (one host synchronisation for all of them) while it stays small (at most
+    _NMS_SHARED_SIDE boxes) or computes at most twice the pairs the groups need alone; a group too large for
+    _NMS_BLOCK_ELEMENTS pairs is cut into blocks of rows."""
+    blocks: list[tuple[int, int, int, bool]] = []
+    start = chunk = needed = held = 0  # the next group's first row; the open block's first row, pairs, groups
+
+    def close(end: int) -> None:
+        nonlocal chunk, needed, held
+        if end > chunk:
+            blocks.append((chunk, end, end, held > 1))
+        chunk, needed, held = end, 0, 0
+
+    for size in sizes:
+        if size * size > _NMS_BLOCK_ELEMENTS:
+            close(start)
+            rows = max(64, _NMS_BLOCK_ELEMENTS // size)
+            blocks += [(r, min(r + rows, start + size), start + size, False) for r in range(start, start + size, rows)]
+            chunk = start + size
+        else:
+            side = start + size - chunk
+            if side > _NMS_SHARED_SIDE and side * side > min(2 * (needed + size * size), _NMS_BLOCK_ELEMENTS):
+                close(start)
+            needed += size * size
+            held += 1 if size else 0
+        start += size
+    close(start)
+    return blocks
+
+
 def nms_groups(
     boxes: torch.Tensor, scores: torch.Tensor, sizes: Sequence[int], threshold: float, method: str = "union"
 ) -> list[torch.Tensor]:
     """:func:`nms` of each group of consecutive boxes (``sizes[g]`` boxes in group g; no box suppresses
     another group's), as indices into ``boxes``, each group's in its keep order.
 
-    The overlaps of the pairs within each group are computed on the boxes' device, the groups side by side
-    (padded to the largest), in blocks of rows (bounded memory); only the suppressing pairs come to the host,
-    where the greedy pass is a plain loop. That is one host synchronisation per block (one for the usual
-    sizes), not one per group or per kept box.
+    The boxes are sorted group by group, best score first; the overlaps of the pairs within each group are
+    computed on the boxes' device in blocks (:func:`_nms_blocks`: small groups side by side, bounded memory);
+    only the suppressing pairs come to the host, where the greedy pass is a plain loop. That is one host
+    synchronisation per block (one for the usual sizes), not one per group or per kept box.
     """
     sizes = [int(n) for n in sizes]
     device = boxes.device
-    if not sizes or max(sizes) == 0:
+    count = sum(sizes)
+    if count == 0:
         return [torch.zeros((0,), dtype=torch.int64, device=device) for _ in sizes]
-    groups, largest = len(sizes), max(sizes)
-    starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).tolist()
-    # [G, largest] positions into boxes (padding: position 0, masked below), and each group's order.
-    position = torch.arange(largest, device=device)
-    count = torch.tensor(sizes, device=device)
-    valid = position[None, :] < count[:, None]
-    index = torch.where(valid, torch.tensor(starts, device=device)[:, None] + position[None, :], 0)
-    padded = torch.where(valid, scores[index], -torch.inf)  # the padding sorts first, so last after the flip
-    order = torch.gather(index, 1, torch.argsort(padded, dim=1, stable=True).flip(1))
-    x1, y1, x2, y2 = boxes[order, :4].unbind(2)  # [G, largest] each, in each group's order
+    group = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    order = torch.argsort(scores, stable=True).flip(0)  # best first, equal scores the later index first
+    order = order[torch.argsort(group[order], stable=True)]  # then group by group, keeping that order
+    group = group[order]
+    x1, y1, x2, y2 = boxes[order, :4].unbind(1)
     area = (x2 - x1 + 1) * (y2 - y1 + 1)
-    block = max(64, _NMS_BLOCK_ELEMENTS // (groups * largest))
     counts, targets = [], []
-    for first in range(0, largest, block):
-        rows, cols = slice(first, min(first + block, largest)), slice(first, largest)  # pairs (i, j > i) only
-        w = torch.minimum(x2[:, rows, None], x2[:, None, cols]) - torch.maximum(x1[:, rows, None], x1[:, None, cols])
-        h = torch.minimum(y2[:, rows, None], y2[:, None, cols]) - torch.maximum(y1[:, rows, None], y1[:, None, cols])
-        inter = (w + 1).clamp_min(0.0) * (h + 1).clamp_min(0.0)
+    for first, end, last, shared in _nms_blocks(sizes):
+        rows, cols = slice(first, end), slice(first, last)  # pairs (i, j > i) of the same group only
+        w = torch.minimum(x2[rows, None], x2[None, cols]) - torch.maximum(x1[rows, None], x1[None, cols]) + 1
+        h = torch.minimum(y2[rows, None], y2[None, cols]) - torch.maximum(y1[rows, None], y1[None, cols]) + 1
+        inter = w.clamp_min(0.0) * h.clamp_min(0.0)
         if method == "min":
-            denom = torch.minimum(area[:, rows, None], area[:, None, cols])
+            denom = torch.minimum(area[rows, None], area[None, cols])
         else:
-            denom = area[:, rows, None] + area[:, None, cols] - inter
-        suppresses = torch.triu(~(inter / denom <= threshold), diagonal=1) & valid[:, None, cols]
-        counts.append(suppresses.sum(2))  # [G, rows]
-        found = torch.nonzero(suppresses)  # (g, i, j) in row-major order
-        targets.append(found[:, 2] + first)
-    per_row = torch.cat(counts, dim=1).tolist()  # [G][largest]
-    suppressed = torch.cat(targets).tolist()
-    # nonzero walked the blocks group by group: regroup the targets as (group, row) lists
-    at, lists = 0, [[[] for _ in range(largest)] for _ in range(groups)]
-    for first in range(0, largest, block):
-        last = min(first + block, largest)
-        for g in range(groups):
-            for i in range(first, last):
-                n = per_row[g][i]
-                if n:
-                    lists[g][i] = suppressed[at : at + n]
-                    at += n
-    kept = []
-    for g, size in enumerate(sizes):
-        removed = bytearray(largest)
-        keep = []
-        for i in range(size):
-            if not removed[i]:
-                keep.append(i)
-                for j in lists[g][i]:
-                    removed[j] = 1
-        kept.append(order[g, torch.tensor(keep, dtype=torch.int64, device=device)])
-    return kept
+            denom = area[rows, None] + area[None, cols] - inter
+        suppresses = torch.triu(~(inter / denom <= threshold), diagonal=1)
+        if shared:
+            suppresses &= group[rows, None] == group[None, cols]
+        counts.append(suppresses.sum(1))
+        targets.append(torch.nonzero(suppresses)[:, 1] + first)
+    per_row, suppressed = torch.cat(counts).tolist(), torch.cat(targets).tolist()
+    removed = bytearray(count)
+    keep, start = [], 0
+    for i, n in enumerate(per_row):
+        if not removed[i]:
+            keep.append(i)
+            for j in suppressed[start : start + n]:
+                removed[j] = 1
+        start += n
+    kept = torch.tensor(keep, dtype=torch.int64, device=device)
+    ends = np.cumsum(sizes).tolist()
+    split = [int(np.searchsorted(keep, e)) for e in ends]  # keep is increasing: each group's share
+    return list(order[kept].split(np.diff([0, *split]).tolist()))
 
 
 def _square(boxes: torch.Tensor) -> torch.Tensor:
@@ -442,6 +461,8 @@ def stage1(
     The levels are digested together (their cells in one vector, level after level): one search for the
     cells over the threshold and one NMS call for every level's own NMS (:func:`nms_groups`), so a pyramid
     costs a few host synchronisations, not a few per level (on a GPU each one waits for the queue)."""
+    if len(outputs) != len(scales):
+        raise ValueError(f"stage1: {len(outputs)} pnet outputs for {len(scales)} scales")
     if not outputs:
         return _empty_boxes(device)
     on = outputs[0][1].device

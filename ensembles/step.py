@@ -66,9 +66,10 @@ BLS_GPU_MEMORY = False
 BLS_MARK = "[imgpipe:INVALID_ARG] "
 # A step answering a BLS request hands over its CUDA outputs as host tensors, copied by its own code
 # before execute returns, when BLS travels in host memory: the caller asked for host memory anyway, and
-# the Python backend's own copy of a stub's CUDA output into a host buffer reads it after execute has
-# returned (what KEEP_ALIVE works around). Measured on the H100 under load: see docs/benchmarks.md.
-BLS_HOST_OUTPUTS = not BLS_GPU_MEMORY
+# otherwise the Python backend copies the stub's CUDA output into the host buffer itself, after execute has
+# returned (what KEEP_ALIVE works around) - the suspect of the GPU fault in docs/benchmarks.md, not yet
+# measured on a GPU. IMGPIPE_BLS_HOST_OUTPUTS=0 (in the server's environment) turns it off, to compare.
+BLS_HOST_OUTPUTS = not BLS_GPU_MEMORY and os.environ.get("IMGPIPE_BLS_HOST_OUTPUTS", "1") != "0"
 # Threads per step instance that encode images (Pillow releases the GIL while it encodes): the images of
 # a batch, and of the requests of one execute, are encoded at once instead of one after another.
 ENCODE_THREADS = min(4, os.cpu_count() or 1)
@@ -83,6 +84,11 @@ class Pending:
 
     def result(self) -> np.ndarray:
         return np.array([f.result() for f in self.futures], dtype=object).reshape(self.shape)
+
+
+def _host(value: Any) -> Any:
+    """A tensor as a numpy array on the host (read in the calling thread, in its stream's order)."""
+    return value.cpu().numpy() if isinstance(value, torch.Tensor) else value
 
 
 def instance_device(args: dict[str, str], log: Any = None) -> torch.device:
@@ -159,7 +165,7 @@ class Step:
         """Release what :meth:`setup` took (called when Triton unloads the model); call super()."""
         self._alive.clear()
         if self._encoders is not None:
-            self._encoders.shutdown(wait=True, cancel_futures=True)
+            self._encoders.shutdown(wait=True)  # Triton finalizes after the last execute: nothing is pending
 
     # -- encoding on the step's threads ------------------------------------------------------
     def encode(self, function: Callable[..., bytes], *args: Any, **kwargs: Any) -> Future:
@@ -167,8 +173,8 @@ class Step:
         threads. Give it host arrays: device tensors are read here, in the step's own thread."""
         if self._encoders is None:
             self._encoders = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix=f"{self.name}-encode")
-        args = tuple(a.cpu().numpy() if isinstance(a, torch.Tensor) else a for a in args)
-        return self._encoders.submit(function, *args, **kwargs)
+        args = tuple(_host(a) for a in args)
+        return self._encoders.submit(function, *args, **{k: _host(v) for k, v in kwargs.items()})
 
     # -- logging -----------------------------------------------------------------------------
     def _logger(self) -> Any:
