@@ -1039,7 +1039,7 @@ def bench(
     duration: Annotated[float, typer.Option(help="Seconds measured per level.")] = 8.0,
     warmup: Annotated[float, typer.Option(help="Seconds of warm-up per level.")] = 2.0,
     model_seconds: Annotated[float, typer.Option(help="Model-only seconds per batch size.")] = 2.0,
-    step_instances: Annotated[int, typer.Option(help="Python-step instances (0: one per 4 CPU cores, one per 2 for unbatched BLS pipelines).")] = 0,
+    step_instances: Annotated[int, typer.Option(help="Python-step instances (0: automatic).")] = 0,
     build_only: Annotated[bool, typer.Option("--build-only", help="Only build the variants' repositories.")] = False,
     remove_background_format: Annotated[
         str,
