@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -24,6 +25,7 @@ from imgpipe.ensembles.step import BlsStep, Outputs, Pending
 from imgpipe.errors import InvalidInputError
 from imgpipe.imaging import IntakeLimits, decode_images, encode_image
 from imgpipe.pipelines.colorize import CONTRACT, Settings
+from imgpipe.samples import encode
 
 Decoded = tuple[torch.Tensor, "torch.Tensor | None"]  # RGB uint8 H×W×3, alpha uint8 H×W (None: no alpha)
 
@@ -104,13 +106,8 @@ class Colorize(BlsStep):
         2.0 s on an H100 without this)."""
         super().warm_up()
         if self.device.type == "cuda":
-            import io
-
-            from PIL import Image
-
-            buffer = io.BytesIO()
-            Image.new("RGB", (64, 48), (90, 90, 90)).save(buffer, format="JPEG")
-            ((rgb, _),) = decode([buffer.getvalue()], IntakeLimits.of(self.settings), self.device)
+            jpeg = encode(np.full((48, 64, 3), 90, dtype=np.uint8), "JPEG")
+            ((rgb, _),) = decode([jpeg], IntakeLimits.of(self.settings), self.device)
             for size in {int(s) for s in self.networks}:
                 network_input(rgb, size)
             colour(lightness(rgb), torch.zeros((2, 8, 8), device=self.device))

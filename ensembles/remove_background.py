@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from imgpipe.ensembles import background
@@ -21,6 +22,7 @@ from imgpipe.ensembles.step import Outputs, Pending, Step
 from imgpipe.errors import InvalidInputError
 from imgpipe.imaging import IntakeLimits, decode_images, encode_image
 from imgpipe.pipelines.remove_background import CONTRACT, MASK, ORIGINAL, PIXELS, SIZE, Settings
+from imgpipe.samples import encode
 
 
 def _options(step: Step, request: Any) -> background.Options:
@@ -59,13 +61,8 @@ class Preprocess(Step):
         """nvJPEG and the resize kernels start here, not in the first request (seconds on a GPU)."""
         super().warm_up()
         if self.device.type == "cuda":
-            import io
-
-            from PIL import Image
-
-            buffer = io.BytesIO()
-            Image.new("RGB", (64, 48), (120, 80, 40)).save(buffer, format="JPEG")
-            (image,) = decode_images([buffer.getvalue()], device=self.device, limits=IntakeLimits.of(self.settings))
+            jpeg = encode(np.full((48, 64, 3), (120, 80, 40), dtype=np.uint8), "JPEG")
+            (image,) = decode_images([jpeg], device=self.device, limits=IntakeLimits.of(self.settings))
             background.preprocess(image, self.size, self.preprocessing)
             torch.cuda.synchronize(self.device)
 

@@ -115,6 +115,6 @@ class SwapFace(FaceFinder):
             frame = await self.swap_mesh(frame, source, source_faces, target, target_faces, chosen)
         elif chosen:
             frame = await self.swap_inswapper(frame, source, source_faces, target_faces, chosen)
-        result = frame.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        encoded = self.encode(encode_image, result, parameters["format"])
+        result = frame.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+        encoded = self.encode(encode_image, result, parameters["format"])  # brought to the host by encode
         return {"IMAGE": Pending([encoded], (1,)), "SWAPPED": np.array([len(chosen)], dtype=np.int32)}
