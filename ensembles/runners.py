@@ -219,9 +219,12 @@ class TorchRunner(Runner):
     def forward(self, feeds: Feeds) -> Feeds:
         count = len(feeds[self.input_names[0]])
         context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        if self.stream is not None:
+            # The inputs may still be in flight on the caller's stream (a host-to-device copy from pageable
+            # memory returns before its DMA ends). Asked for inside the context below, the current stream
+            # would be self.stream, and the wait a no-op: that race was the H100's "no face found".
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), context:
-            if self.stream is not None:  # inputs may come from work queued on the default stream
-                self.stream.wait_stream(torch.cuda.current_stream(self.device))
             outputs = self._replay(feeds, count) if self.graphs else self._eager(feeds)
             result = {n: o.float().contiguous() for n, o in zip(self.output_names, outputs, strict=True)}
         if self.stream is not None:

@@ -142,3 +142,18 @@ def test_dynamic_spatial_networks_run_eagerly_with_graphs_asked(built) -> None: 
     assert not runner.graphs
     (out,) = runner.run([{"input_1": torch.zeros(1, 40, 30, 3, device="cuda")}])
     assert out["softmax"].shape[1:3] == (15, 10)
+
+
+@CUDA
+def test_the_runner_waits_for_inputs_still_queued_on_the_callers_stream(built) -> None:  # type: ignore[no-untyped-def]
+    _manifest, repo = built
+    runner = TorchRunner.load(repo / "recognizer" / "1", torch.device("cuda"), {"cuda_graphs": False})
+    x = torch.randn(4, 3, 112, 112, device="cuda")
+    (want,) = runner.run([{"input": x}])
+    for _ in range(3):
+        y = torch.zeros_like(x)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued on the caller's stream before y is written
+        y.copy_(x)
+        (got,) = runner.run([{"input": y}])  # reads y on the runner's stream: must wait for the copy
+        torch.testing.assert_close(got["embedding"], want["embedding"], atol=1e-4, rtol=1e-4)
