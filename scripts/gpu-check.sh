@@ -9,7 +9,7 @@
 #   fault    the face pipelines' fault under load (docs/benchmarks.md), old hand-over against new: fp16,
 #            concurrency 16 for 15 s each, first with IMGPIPE_BLS_HOST_OUTPUTS=0 and Triton's 64 MiB CUDA
 #            pool (the configuration that failed), then with the defaults; the server logs' copy failures
-#            counted (~4 min)
+#            counted (~4 min; FAULT_RUNS=new runs the defaults alone, ~2 min)
 #   bench    the full bench of docs/benchmarks.md (~9 min)
 #   tests    the GPU tests (tests/test_gpu_serving.py, tests/test_cuda_runner.py; gRPC) (~4 min)
 set -euo pipefail
@@ -34,7 +34,7 @@ case "$step" in
     profile)
         python "$tree/scripts/profile_face_detection.py" "$prefix/bench/repos/fp16/repo" 2>&1 | tee "$out/profile.txt" ;;
     fault)
-        for run in old new; do
+        for run in ${FAULT_RUNS:-old new}; do
             if [ "$run" = old ]; then
                 IMGPIPE_BLS_HOST_OUTPUTS=0 IMGPIPE_CUDA_MEMORY_POOL_MIB=64 "${bench[@]}" "${faces[@]}" > "$out/fault-$run.log" 2>&1 || true
             else
