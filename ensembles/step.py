@@ -60,15 +60,17 @@ BLS_CALLER = "imgpipe.bls_caller"
 KEEP_ALIVE = 16  # responses whose CUDA outputs a step keeps referenced (see Step.response)
 # BLS traffic in GPU memory (inputs and outputs passed as CUDA tensors between stubs) was measured on
 # the H100 under load: the stubs logged "failed to copy data: invalid argument" while loading GPU
-# buffers, and 3 of ~200 swap_face requests came back with no face found in a photo that has one.
-# Until that is understood, BLS requests travel in host memory (the steps still compute on the GPU).
+# buffers, and 3 of ~200 swap_face requests came back with no face found in a photo that has one. The
+# "no face found" turned out to be a stream race in TorchRunner (fixed); the copy failures were not
+# re-measured, so BLS requests still travel in host memory (the steps still compute on the GPU).
 BLS_GPU_MEMORY = False
 BLS_MARK = "[imgpipe:INVALID_ARG] "
 # A step answering a BLS request hands over its CUDA outputs as host tensors, copied by its own code
 # before execute returns, when BLS travels in host memory: the caller asked for host memory anyway, and
 # otherwise the Python backend copies the stub's CUDA output into the host buffer itself, after execute has
-# returned (what KEEP_ALIVE works around) - the suspect of the GPU fault in docs/benchmarks.md, not yet
-# measured on a GPU. IMGPIPE_BLS_HOST_OUTPUTS=0 (in the server's environment) turns it off, to compare.
+# returned (what KEEP_ALIVE works around). A suspect of the GPU fault in docs/benchmarks.md, which it
+# was not (measured on the H100), kept as a safeguard. IMGPIPE_BLS_HOST_OUTPUTS=0 (in the server's
+# environment) turns it off.
 BLS_HOST_OUTPUTS = not BLS_GPU_MEMORY and os.environ.get("IMGPIPE_BLS_HOST_OUTPUTS", "1") != "0"
 # Threads per step instance that encode images (Pillow releases the GIL while it encodes): the images of
 # a batch, and of the requests of one execute, are encoded at once instead of one after another.
